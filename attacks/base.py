@@ -1,0 +1,113 @@
+"""The attack contract: declared access, a budget with accounting, adversarial prompts as output.
+
+An attack states what it needs (:class:`runners.spec.Access`); the runner refuses a CRT x attack pair whose
+needs the CRT does not expose, before anything runs. Its output is a hard prompt (text) or a soft
+embedding, labelled ``transfer`` or ``adaptive``, with the cost of finding it.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from crt.base import DefendedModel
+from runners.spec import Access, ConceptSpec, GenerationSettings, PromptItem
+
+# Every deployed text-to-image model publishes its text encoder's tokenizer; the base text encoder is public.
+ALWAYS_AVAILABLE: frozenset[Access] = frozenset({Access.TEXT_ENCODER})
+
+
+@dataclass
+class AttackCost:
+    """Accounting for one target: wall time, model passes and oracle queries."""
+
+    wall_s: float = 0.0
+    forward: int = 0
+    backward: int = 0
+    queries: int = 0  # generations of the defended model requested by the attack
+    oracle_calls: int = 0  # judge verdicts used during the search
+
+
+@dataclass
+class AdversarialPrompt:
+    """The result for one target prompt. Exactly one of ``text`` / ``embedding`` is set."""
+
+    target: PromptItem
+    text: str | None = None
+    embedding: torch.Tensor | None = None  # (77, width) prompt embedding when the output is soft
+    cost: AttackCost = field(default_factory=AttackCost)
+    succeeded_during_search: bool | None = None  # what the oracle said, when one was used
+    log: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AttackContext:
+    """What ``run`` may use; fields the attack did not declare access to are ``None``."""
+
+    defended: DefendedModel
+    concept: ConceptSpec
+    settings: GenerationSettings
+    base_pipe: Any | None = None  # Access.UNERASED_MODEL
+    oracle: Callable[[list[Any]], list[bool]] | None = None  # Access.JUDGE_ORACLE: images -> concept present
+    generate: Callable[[DefendedModel, list[PromptItem]], list[Any]] | None = None  # images as the user receives them
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+
+
+class Attack(ABC):
+    """Base class of every attack. Subclasses set the class attributes and implement ``run``."""
+
+    name: ClassVar[str]
+    requires: ClassVar[frozenset[Access]]
+    output: ClassVar[Literal["text", "embedding"]] = "text"
+    version: ClassVar[str] = "1"
+
+    def __init__(self, adaptive: bool = False, **params: Any):
+        self.adaptive = adaptive
+        self.params = params
+
+    @property
+    def mode(self) -> Literal["transfer", "adaptive"]:
+        return "adaptive" if self.adaptive else "transfer"
+
+    def needs(self) -> frozenset[Access]:
+        """The access this configured attack requires; adaptive variants add the filter's."""
+        return self.requires | (frozenset({Access.FILTER_SCORE}) if self.adaptive else frozenset())
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "mode": self.mode, "params": self.params}
+
+    @abstractmethod
+    def run(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
+        """Search an adversarial prompt for every target."""
+
+
+class IncompatibleAttack(ValueError):
+    """Raised before any work when a CRT does not expose what an attack needs."""
+
+
+def check_compatible(attack: Attack, defended: DefendedModel) -> None:
+    missing = attack.needs() - defended.exposes - ALWAYS_AVAILABLE
+    if missing:
+        raise IncompatibleAttack(
+            f"attack {attack.name!r} ({attack.mode}) needs {sorted(a.value for a in missing)}, which CRT "
+            f"{defended.crt_name!r} does not expose (it exposes {sorted(a.value for a in defended.exposes)})")
+
+
+class Timer:
+    """Adds the elapsed wall time to an :class:`AttackCost`."""
+
+    def __init__(self, cost: AttackCost):
+        self.cost = cost
+
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cost.wall_s += time.perf_counter() - self.start

@@ -1,0 +1,110 @@
+"""The CRT contract: ``fit`` a base pipeline and a concept to an artifact, ``apply`` it to get a defended model.
+
+A CRT declares its family, the parameters it trains and what it exposes to a white-box attacker. ``fit`` is
+pure with respect to the base pipeline (it must leave it unchanged) and returns an :class:`Artifact`
+(tensors + JSON meta) that the runner stores by content hash; ``apply`` never trains, so a stored
+artifact turns a base pipeline into the defended one in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from runners.spec import Access, ConceptSpec, Family, GenerationSettings, PromptItem
+
+
+@dataclass
+class Artifact:
+    """What a fitted CRT consists of: named tensors (saved as safetensors) and JSON-serialisable meta."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FitContext:
+    """What ``fit`` may use. ``generate`` returns base-model images through the store (cached by key)."""
+
+    pipe: Any  # diffusers StableDiffusionPipeline, the unerased base model; do not modify
+    concept: ConceptSpec
+    settings: GenerationSettings
+    generate: Callable[[list[PromptItem]], list[Any]]  # -> list of PIL images from the base model
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+
+
+class ImageFilter(ABC):
+    """A post-hoc filter: scores images, flags those above its decision boundary."""
+
+    @abstractmethod
+    def scores(self, images: list[Any]) -> torch.Tensor:
+        """Per image, a score > 0 iff the image is flagged (differentiable when built from tensors)."""
+
+    def flags(self, images: list[Any]) -> list[bool]:
+        return [bool(s > 0) for s in self.scores(images)]
+
+
+@dataclass
+class DefendedModel:
+    """The system under test: a (possibly edited) pipeline plus an optional post-hoc filter.
+
+    ``pipe`` shares unchanged modules with the base pipeline; modules a CRT changes are copies.
+    ``negative_prompt`` is set by guidance-type CRTs that defend through the sampling loop.
+    """
+
+    pipe: Any
+    crt_name: str = "none"
+    filter: ImageFilter | None = None
+    negative_prompt: str | None = None
+    exposes: frozenset[Access] = frozenset()
+
+
+class CRT(ABC):
+    """Base class of every concept removal technique. Subclasses set the class attributes and implement both methods."""
+
+    name: ClassVar[str]
+    family: ClassVar[Family]
+    exposes: ClassVar[frozenset[Access]]
+    trains: ClassVar[str] = "nothing"
+    version: ClassVar[str] = "1"
+
+    def __init__(self, **params: Any):
+        self.params = params
+
+    def identity(self) -> dict[str, Any]:
+        """Everything about this CRT that changes its artifact; part of the artifact's content key."""
+        return {"name": self.name, "version": self.version, "params": self.params}
+
+    @abstractmethod
+    def fit(self, ctx: FitContext) -> Artifact:
+        """Learn the artifact. Must not modify ``ctx.pipe``."""
+
+    @abstractmethod
+    def apply(self, pipe: Any, artifact: Artifact) -> DefendedModel:
+        """Build the defended model from the base ``pipe`` without modifying it."""
+
+
+def replace_module(pipe: Any, component: str, module: torch.nn.Module) -> Any:
+    """A shallow copy of ``pipe`` whose ``component`` (e.g. "unet") is ``module``; the base stays as it was."""
+    components = dict(pipe.components)
+    components[component] = module
+    return type(pipe)(**components)
+
+
+def edited_copy(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A deep copy of ``module`` whose named parameters are overwritten by ``tensors``."""
+    edited = copy.deepcopy(module)
+    state = edited.state_dict()
+    unknown = set(tensors) - set(state)
+    if unknown:
+        raise KeyError(f"artifact names parameters the module does not have: {sorted(unknown)[:5]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            state[name].copy_(value.to(state[name].dtype))
+    return edited
