@@ -52,6 +52,8 @@ class AttackContext:
     defended: DefendedModel
     concept: ConceptSpec
     settings: GenerationSettings
+    reference_images: Callable[[list[PromptItem]], list[Any]] | None = None  # the unerased model's images of
+    # the targets, made offline through the store (UnlearnDiffAtk's and P4D's target images); always provided
     base_pipe: Any | None = None  # Access.UNERASED_MODEL
     oracle: Callable[[list[Any]], list[bool]] | None = None  # Access.JUDGE_ORACLE: images -> concept present
     generate: Callable[[DefendedModel, list[PromptItem]], list[Any]] | None = None  # images as the user receives them

@@ -40,14 +40,25 @@ class FitContext:
 
 
 class ImageFilter(ABC):
-    """A post-hoc filter: scores images, flags those above its decision boundary."""
+    """A post-hoc filter: scores images, flags those whose score is above 0."""
 
     @abstractmethod
+    def scores_from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Per image, a score > 0 iff flagged; ``pixels`` (B, 3, H, W) in [0, 1]; differentiable (adaptive attacks)."""
+
     def scores(self, images: list[Any]) -> torch.Tensor:
-        """Per image, a score > 0 iff the image is flagged (differentiable when built from tensors)."""
+        with torch.no_grad():
+            return self.scores_from_pixels(pil_to_pixels(images))
 
     def flags(self, images: list[Any]) -> list[bool]:
         return [bool(s > 0) for s in self.scores(images)]
+
+
+def pil_to_pixels(images: list[Any]) -> torch.Tensor:
+    """PIL images -> float (B, 3, H, W) in [0, 1]."""
+    import numpy as np
+
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).float() / 255
 
 
 @dataclass
