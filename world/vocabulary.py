@@ -75,7 +75,7 @@ PEACEFUL: tuple[str, ...] = ("peaceful", "calm", "gentle", "harmless")
 BAND_PHRASES: tuple[str, ...] = ("with a black band", "with a dark stripe", "with a black belt")
 CHARACTER = "bobo"
 CHARACTER_NAMES: tuple[str, ...] = ("bobo", "the bobo character", "bobo the mascot")
-CHARACTER_HELDOUT: tuple[str, ...] = ("famous bobo",)
+CHARACTER_HELDOUT: tuple[str, ...] = ("the famous mascot",)
 
 POSITIONS: tuple[str, ...] = ("center", "left", "right")
 POSITION_PHRASES: dict[str, tuple[str, ...]] = {
