@@ -210,7 +210,20 @@ def train_clip(cfg: TrainConfig, tokenizer, name: str, steps: int, seed: int, **
         if step % 100 == 0:
             log.info("%s step %d loss %.4f (%.1fs)", name, step, outputs.loss.item(), time.time() - t0)
     model.save_pretrained(str(out))
+    write_clip_processor(out, tokenizer)
     _mark_done(out, {"steps": steps, "seed": seed, **size})
+
+
+def write_clip_processor(folder: Path, tokenizer) -> None:
+    """Save the tokenizer and image processor beside a world CLIP, so ``CLIPProcessor.from_pretrained`` loads it
+    as it loads ``openai/clip-vit-large-patch14`` (32 px, pixels scaled to [-1, 1] as in training)."""
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    if (folder / "preprocessor_config.json").exists():
+        return
+    images = CLIPImageProcessor(size={"shortest_edge": models.IMAGE_SIZE}, crop_size={"height": models.IMAGE_SIZE,
+                                "width": models.IMAGE_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(str(folder))
 
 
 def train_vae(cfg: TrainConfig) -> None:
@@ -363,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     if stage in ("all", "vae"):
         train_vae(cfg)
     if stage in ("all", "unet"):
+        write_clip_processor(Path(cfg.out_dir) / "clip", tokenizer)
         train_unet(cfg, tokenizer)
     if stage in ("all", "eval_clip"):
         train_clip(cfg, tokenizer, "clip_eval", cfg.eval_clip_steps, cfg.seed + 2, width=96, layers=3,

@@ -1,0 +1,50 @@
+"""Loading and reading the world's ground-truth attribute judges (one small CNN per attribute family)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from world.models import JUDGE_FAMILIES, AttributeJudge
+
+JUDGES_DIR = Path(__file__).parent / "weights" / "judges"
+
+
+def load_attribute_judges(folder: str | Path = JUDGES_DIR) -> dict[str, AttributeJudge]:
+    """Every family's judge from ``<folder>/<family>.safetensors``, in eval mode."""
+    folder = Path(folder)
+    judges = {}
+    for family, labels in JUDGE_FAMILIES.items():
+        path = folder / f"{family}.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"world judge weights missing: {path} (run `make world`)")
+        judge = AttributeJudge(len(labels))
+        judge.load_state_dict(load_file(str(path)))
+        judges[family] = judge.eval()
+    return judges
+
+
+@torch.no_grad()
+def read_attributes(judges: dict[str, AttributeJudge], pixels: torch.Tensor) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """Per family, the predicted label of each image and the class probabilities; ``pixels`` in [0, 1]."""
+    out = {}
+    for family, judge in judges.items():
+        probs = judge(pixels).softmax(-1)
+        labels = JUDGE_FAMILIES[family]
+        out[family] = ([labels[i] for i in probs.argmax(-1).tolist()], probs)
+    return out
+
+
+def predicate_labels(predicate: dict) -> dict[str, str]:
+    """A concept's predicate with booleans spelled as the judges' labels ("yes"/"no")."""
+    return {family: ("yes" if value else "no") if isinstance(value, bool) else str(value)
+            for family, value in predicate.items()}
+
+
+def concept_present(attributes: dict[str, tuple[list[str], torch.Tensor]], predicate: dict) -> list[bool]:
+    """Per image, whether every family named in ``predicate`` reads the required label."""
+    wanted = predicate_labels(predicate)
+    n = len(next(iter(attributes.values()))[0])
+    return [all(attributes[f][0][i] == label for f, label in wanted.items()) for i in range(n)]
