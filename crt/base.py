@@ -58,7 +58,8 @@ def pil_to_pixels(images: list[Any]) -> torch.Tensor:
     """PIL images -> float (B, 3, H, W) in [0, 1]."""
     import numpy as np
 
-    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).float() / 255
+    array = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 255
 
 
 @dataclass

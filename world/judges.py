@@ -27,7 +27,8 @@ def load_attribute_judges(folder: str | Path = JUDGES_DIR) -> dict[str, Attribut
 
 
 @torch.no_grad()
-def read_attributes(judges: dict[str, AttributeJudge], pixels: torch.Tensor) -> dict[str, tuple[list[str], torch.Tensor]]:
+def read_attributes(judges: dict[str, AttributeJudge],
+                    pixels: torch.Tensor) -> dict[str, tuple[list[str], torch.Tensor]]:
     """Per family, the predicted label of each image and the class probabilities; ``pixels`` in [0, 1]."""
     out = {}
     for family, judge in judges.items():

@@ -24,7 +24,8 @@ def shipped_files(root: Path = WEIGHTS) -> list[Path]:
 
 
 def build_manifest(root: Path = WEIGHTS) -> dict[str, dict]:
-    return {str(p.relative_to(root)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in shipped_files(root)}
+    return {str(p.relative_to(root)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in shipped_files(root)}
 
 
 def verify(root: Path = WEIGHTS) -> list[str]:

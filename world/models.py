@@ -49,7 +49,8 @@ def make_unet(cross_attention_dim: int = TEXT_WIDTH):
     return UNet2DConditionModel(sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
                                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                                block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=cross_attention_dim,
+                                block_out_channels=(64, 128), layers_per_block=1,
+                                cross_attention_dim=cross_attention_dim,
                                 attention_head_dim=8, norm_num_groups=32)
 
 

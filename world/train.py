@@ -303,7 +303,8 @@ def train_unet(cfg: TrainConfig, tokenizer) -> None:
         empty = text_encoder(tokenize(tokenizer, [""])).last_hidden_state
     t0 = time.time()
     for step in range(start, cfg.unet_steps):
-        lr = cfg.unet_lr * min(1.0, (step + 1) / 500) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.unet_steps)))
+        cosine = 0.5 * (1 + math.cos(math.pi * step / cfg.unet_steps))
+        lr = cfg.unet_lr * min(1.0, (step + 1) / 500) * (0.1 + 0.9 * cosine)
         for g in opt.param_groups:
             g["lr"] = lr
         gen = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
