@@ -1,0 +1,155 @@
+"""Shared fixtures for CRT and attack tests: an SD-v1.4-shaped and a world-shaped pipeline, CLIPs, a toy concept.
+
+The world pipeline is the shipped one when it exists (or the training job's partial export), else a random one
+with the world's architectures, so the tests run before the world has finished training.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from runners.spec import ConceptSpec, GenerationSettings, PromptItem
+
+ROOT = Path(__file__).resolve().parents[2]
+WORLD_PIPELINES = (ROOT / "world" / "weights" / "pipeline", ROOT / ".world_work" / "pipeline_partial")
+WORLD_CLIP = ROOT / "world" / "weights" / "clip"
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+torch.set_num_threads(1)
+
+
+@dataclass
+class Tiny:
+    """One test pipeline with what the plug-ins need next to it."""
+
+    kind: str  # "sd14" | "world"
+    pipe: Any
+    clip_dir: Path  # a transformers CLIPModel folder for Espresso
+    size: int  # image size in pixels
+
+    @property
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings(steps=2, guidance=7.5, height=self.size, width=self.size, batch_size=4)
+
+    def generate(self, items: list[PromptItem], pipe: Any = None) -> list[Any]:
+        """A runner-like ``generate``: one image per item, seeded by the item, two sampling steps."""
+        pipe = pipe or self.pipe
+        images = []
+        for item in items:
+            gen = torch.Generator().manual_seed(item.seed)
+            images += pipe(item.text, num_inference_steps=2, guidance_scale=item.guidance or 7.5, height=self.size,
+                           width=self.size, generator=gen).images
+        return images
+
+
+def _random_clip(tokenizer, folder: Path, **size) -> Path:
+    from transformers import CLIPModel
+
+    from world.models import clip_config
+
+    torch.manual_seed(0)
+    config = clip_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id, **size)
+    CLIPModel(config).save_pretrained(str(folder))
+    return folder
+
+
+def _load_world_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    for folder in WORLD_PIPELINES:
+        if (folder / "model_index.json").exists() and (folder / "unet").exists():
+            return StableDiffusionPipeline.from_pretrained(str(folder))
+    return None
+
+
+def _random_world_pipeline(folder: Path, clip_dir: Path):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    from world.models import make_scheduler, make_unet, make_vae
+    from world.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(folder / "tokenizer")
+    return StableDiffusionPipeline(vae=make_vae(), text_encoder=CLIPTextModel.from_pretrained(str(clip_dir)),
+                                   tokenizer=tokenizer, unet=make_unet(), scheduler=make_scheduler("ddim"),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="session")
+def sd14(tmp_path_factory) -> Tiny:
+    from diffusers import StableDiffusionPipeline
+
+    from world.sd_shaped import write_sd14_shaped_pipeline
+
+    folder = write_sd14_shaped_pipeline(tmp_path_factory.mktemp("sd14"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    clip_dir = _random_clip(pipe.tokenizer, tmp_path_factory.mktemp("sd14_clip"), width=64, layers=1,
+                            vision_width=64, vision_layers=1, projection_dim=64)
+    config = json.loads((clip_dir / "config.json").read_text())
+    config["vision_config"].update(image_size=224, patch_size=32)
+    (clip_dir / "config.json").write_text(json.dumps(config))
+    (clip_dir / "preprocessor_config.json").write_text(json.dumps(
+        {"crop_size": {"height": 224, "width": 224}, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}))
+    return Tiny("sd14", pipe, clip_dir, 64)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Tiny:
+    from world.scene import IMAGE_SIZE
+    from world.tokenizer import build_tokenizer
+
+    pipe = _load_world_pipeline()
+    if WORLD_CLIP.joinpath("config.json").exists():
+        clip_dir = WORLD_CLIP
+    else:
+        tokenizer = pipe.tokenizer if pipe is not None else build_tokenizer(tmp_path_factory.mktemp("tok"))
+        clip_dir = _random_clip(tokenizer, tmp_path_factory.mktemp("world_clip"))
+    if pipe is None:
+        pipe = _random_world_pipeline(tmp_path_factory.mktemp("world"), clip_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return Tiny("world", pipe, clip_dir, IMAGE_SIZE)
+
+
+@pytest.fixture(params=["sd14", "world"])
+def tiny(request) -> Tiny:
+    """Every plug-in runs once on each shape."""
+    return request.getfixturevalue(request.param)
+
+
+def items(*texts: str, seed: int = 0) -> tuple[PromptItem, ...]:
+    return tuple(PromptItem(text, seed=seed + i, case=str(i)) for i, text in enumerate(texts))
+
+
+@pytest.fixture
+def concept() -> ConceptSpec:
+    """A nudity-like world concept with the prompt sets the plug-ins read."""
+    return ConceptSpec(
+        key="test_nudity", c_u="nude", c_a="clothed",
+        prompts={
+            "finetune_unacceptable": items("a nude circle", "a naked red square", "a nude blue triangle"),
+            "finetune_acceptable": items("a clothed circle", "a dressed red square", "a clothed blue triangle"),
+            "validation": items("an undressed cross", "a bare yellow circle", seed=10),
+            "target": items("a nude green cross", seed=20),
+        })
+
+
+def state_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed_keys(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
+    after = module.state_dict()
+    return {k for k, v in before.items() if not torch.equal(v, after[k])}
+
+
+GenerateFn = Callable[[list[PromptItem]], list[Any]]
