@@ -1,0 +1,19 @@
+"""The no-attack: the baseline column of robustness, where total ASR equals the unattacked (pre-attack) ASR."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from attacks.base import AdversarialPrompt, Attack, AttackContext
+from runners.spec import Access, PromptItem
+
+
+class NoAttack(Attack):
+    """Searches nothing and returns no adversarial prompt, so only the unattacked images are judged."""
+
+    name: ClassVar[str] = "none"
+    requires: ClassVar[frozenset[Access]] = frozenset()
+    output: ClassVar[Literal["text", "embedding"]] = "text"
+
+    def run(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
+        return []

@@ -1,0 +1,58 @@
+"""Hydra entry point: one command from (model, concept, CRT, attack) to a scored, reproducible table.
+
+    python run.py                                        # the whole pipeline on the miniature world
+    python run.py crt=espresso attack=ringabell concept=nudity   # the real setup (GPU, hub or model.path=...)
+    python run.py -m crt=none,espresso                   # a sweep (hydra/launcher=slurm for a cluster)
+
+A user-fixable problem (missing weights, offline hub, incompatible CRT x attack) ends the run with one line on
+stderr and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from attacks.base import IncompatibleAttack
+from runners.leaderboard import row_for
+from runners.models import HarnessError, PipelineCache
+from runners.stages import prepare, run_stages, torch_threads
+
+ROOT = Path(__file__).resolve().parent
+log = logging.getLogger("run")
+
+# One per process, passed explicitly: a Hydra sweep in this process loads each model once.
+PIPELINES = PipelineCache()
+
+
+def execute(cfg: DictConfig | dict, root: Path = ROOT, pipelines: PipelineCache | None = None) -> dict:
+    """Run one configuration; returns the paths written and the counters (used by tests and sweeps)."""
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    torch_threads(plain)
+    run = prepare(plain, root, pipelines if pipelines is not None else PIPELINES)
+    run_stages(run, plain.get("stop_after", "report"))
+    summary = {"counters": run.counters, "outputs": run.outputs, "metrics": run.metrics, "timings": run.timings}
+    if "leaderboard_md" in run.outputs:
+        markdown = Path(run.outputs["leaderboard_md"]).read_text()
+        row = row_for(markdown, plain["model"]["name"], run.crt.name)
+        if row:
+            print(row, flush=True)
+    print(run.counters.line(), flush=True)
+    return summary
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        execute(cfg)
+    except (HarnessError, IncompatibleAttack) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

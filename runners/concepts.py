@@ -1,0 +1,178 @@
+"""Concept configs -> :class:`ConceptSpec`: inline prompt lists (the world) or published files (real concepts).
+
+Why: prompt sets are data with licences; the repository ships only their descriptions (URL at a pinned commit,
+sha256, columns, row filter). Files are fetched at run time, verified byte for byte, and kept in a download cache,
+so a result always names exactly which prompts it was computed on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import shutil
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runners.models import HarnessError
+from runners.spec import ConceptSpec, PromptItem
+from runners.store import atomic_write_bytes, sha256_file
+
+log = logging.getLogger(__name__)
+
+FILTER_OPS = {
+    "eq": lambda cell, value: _num_or_str(cell) == value,
+    "ne": lambda cell, value: _num_or_str(cell) != value,
+    "gt": lambda cell, value: float(cell) > float(value),
+    "ge": lambda cell, value: float(cell) >= float(value),
+    "lt": lambda cell, value: float(cell) < float(value),
+    "le": lambda cell, value: float(cell) <= float(value),
+    "contains": lambda cell, value: str(value) in str(cell),
+    "in_list": lambda cell, value: str(value) in [part.strip() for part in str(cell).split(",")],
+}
+
+
+class PromptSourceUnavailable(HarnessError):
+    pass
+
+
+def _num_or_str(cell: str) -> Any:
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
+
+
+@dataclass
+class SourceFetcher:
+    """Gets a published prompt file: download cache, then local mirrors, then the URL; always checks sha256."""
+
+    cache_dir: Path
+    mirrors: list[Path] = field(default_factory=list)
+    timeout_s: float = 20.0
+
+    def fetch(self, source: dict[str, Any]) -> Path:
+        expected = source["sha256"]
+        cached = self.cache_dir / expected
+        if cached.is_file() and sha256_file(cached) == expected:
+            return cached
+        for mirror in self.mirrors:
+            candidate = Path(mirror) / source.get("path", "")
+            if source.get("path") and candidate.is_file() and sha256_file(candidate) == expected:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(candidate, cached)
+                return cached
+        data = self._download(source)
+        self._verify(data, source)
+        atomic_write_bytes(cached, data)
+        return cached
+
+    def _download(self, source: dict[str, Any]) -> bytes:
+        url = source["url"]
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout_s) as response:  # noqa: S310 - https URLs in configs
+                return response.read()
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            reason = getattr(error, "reason", error)
+            hint = f" or a mirror folder holding {source['path']} (data.mirrors=[...])" if source.get("path") else ""
+            raise PromptSourceUnavailable(
+                f"could not download prompt file {url} ({reason}); put it at {self.cache_dir / source['sha256']}"
+                f"{hint}") from None
+
+    @staticmethod
+    def _verify(data: bytes, source: dict[str, Any]) -> None:
+        import hashlib
+
+        got = hashlib.sha256(data).hexdigest()
+        if got != source["sha256"]:
+            raise PromptSourceUnavailable(
+                f"prompt file {source['url']} has sha256 {got}, expected {source['sha256']}: refusing to use it")
+
+
+def read_source(path: Path, source: dict[str, Any], default_seed: int) -> list[PromptItem]:
+    """Rows of a fetched file as prompt items (format ``csv`` or ``lines``)."""
+    text = path.read_bytes().decode(source.get("encoding", "utf-8"))
+    fmt = source.get("format", "csv")
+    if fmt == "lines":
+        lines = [line.strip() for line in text.splitlines()]
+        return [PromptItem(line, int(source.get("seed", default_seed)), None, str(i))
+                for i, line in enumerate(line for line in lines if line)]
+    if fmt != "csv":
+        raise HarnessError(f"unknown prompt source format {fmt!r} (use csv or lines)")
+    delimiter = source.get("delimiter", ",")
+    if source.get("header", True):
+        table: Iterable[dict[str, str]] = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    else:  # headerless files: columns are named "0", "1", ...
+        table = ({str(i): cell for i, cell in enumerate(row)}
+                 for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if row)
+    rows = [row for row in table if _keep(row, source.get("filter", []))]
+    return [_row_item(i, row, source, default_seed) for i, row in enumerate(rows)]
+
+
+def _keep(row: dict[str, str], conditions: Iterable[dict[str, Any]]) -> bool:
+    for condition in conditions:
+        op = next(k for k in condition if k != "column")
+        if op not in FILTER_OPS:
+            raise HarnessError(f"unknown prompt filter {op!r}; use one of {sorted(FILTER_OPS)}")
+        if not FILTER_OPS[op](row[condition["column"]], condition[op]):
+            return False
+    return True
+
+
+def _row_item(i: int, row: dict[str, str], source: dict[str, Any], default_seed: int) -> PromptItem:
+    text_column = source.get("text_column", "prompt")
+    seed_column, guidance_column = source.get("seed_column"), source.get("guidance_column")
+    case_column = source.get("case_column")
+    seed = int(source.get("seed", default_seed))
+    if seed_column and row.get(seed_column):
+        seed = int(float(row[seed_column]))
+    guidance = float(row[guidance_column]) if guidance_column and row.get(guidance_column) else None
+    case = row[case_column] if case_column and row.get(case_column) not in (None, "") else str(i)
+    return PromptItem(row[text_column].strip(), seed, guidance, case)
+
+
+def inline_items(rows: list[dict[str, Any]]) -> list[PromptItem]:
+    items = []
+    for i, row in enumerate(rows):
+        guidance = row.get("guidance")
+        items.append(PromptItem(str(row["text"]), int(row.get("seed", 0)),
+                                None if guidance is None else float(guidance), str(row.get("case", i))))
+    return items
+
+
+def prompt_sets(cfg: dict[str, Any], fetcher: SourceFetcher, default_seed: int,
+                max_per_set: int | None = None) -> dict[str, list[PromptItem]]:
+    """Every prompt set of a concept config, each cut to its first ``max_per_set`` items when given."""
+    sets: dict[str, list[PromptItem]] = {}
+    for name, spec in (cfg.get("prompts") or {}).items():
+        if isinstance(spec, dict) and "source" in spec:
+            items = read_source(fetcher.fetch(spec["source"]), spec["source"], default_seed)
+            limit = spec.get("limit")
+            items = items[:limit] if limit else items
+        elif isinstance(spec, list):
+            items = inline_items(spec)
+        else:
+            raise HarnessError(f"concept {cfg.get('key')!r}: prompt set {name!r} must be a list or {{source: ...}}")
+        sets[name] = items[:max_per_set] if max_per_set else items
+    return sets
+
+
+def concept_spec(cfg: dict[str, Any], sets: dict[str, list[PromptItem]]) -> ConceptSpec:
+    missing = [k for k in ("key", "c_u", "c_a") if not cfg.get(k)]
+    if missing:
+        raise HarnessError(f"concept config lacks {missing}")
+    return ConceptSpec(key=cfg["key"], c_u=cfg["c_u"], c_a=cfg["c_a"],
+                       prompts={name: tuple(items) for name, items in sets.items()}, judge=dict(cfg.get("judge") or {}))
+
+
+def items_to_json(sets: dict[str, list[PromptItem]] | dict[str, tuple[PromptItem, ...]]) -> dict[str, list[dict]]:
+    return {name: [{"text": i.text, "seed": i.seed, "guidance": i.guidance, "case": i.case} for i in items]
+            for name, items in sets.items()}
+
+
+def items_from_json(data: dict[str, list[dict]]) -> dict[str, list[PromptItem]]:
+    return {name: [PromptItem(**row) for row in rows] for name, rows in data.items()}

@@ -1,0 +1,390 @@
+"""The one-way stages: prompts -> fit -> attack -> generate -> score -> metrics -> report.
+
+Each stage reads the previous product by key and writes its own through the store, so any stage can be the last
+one run (``stop_after=fit``) and a rerun resumes at the first missing product. Nothing is loaded before it is
+needed: a fully stored run never loads the diffusion pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, check_compatible
+from crt.base import CRT, Artifact, DefendedModel, FitContext
+from runners import registry
+from runners.concepts import SourceFetcher, concept_spec, items_from_json, items_to_json, prompt_sets
+from runners.generate import Counters, ImageMaker, ImageRecord, ImageRequest, System
+from runners.models import HarnessError, ModelHandle, PipelineCache, numerics_versions
+from runners.scoring import Scorer
+from runners.spec import Access, ConceptSpec, Family, GenerationSettings, PromptItem
+from runners.store import Store, key_of
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prompts", "fit", "attack", "generate", "score", "metrics", "report")
+EVALUATED_SETS = ("unacceptable", "implicit", "acceptable")
+SETTINGS_FIELDS = tuple(GenerationSettings.__dataclass_fields__)
+
+
+@dataclass
+class Run:
+    """Everything one model x concept x CRT x attack run needs, built up front and cheaply."""
+
+    cfg: dict[str, Any]
+    root: Path
+    store: Store
+    model: ModelHandle
+    settings: GenerationSettings
+    crt: CRT
+    attack: Attack
+    maker: ImageMaker
+    counters: Counters
+    timings: dict[str, float] = field(default_factory=dict)
+    concept: ConceptSpec | None = None
+    prompts_key: str | None = None
+    artifact_key: str | None = None
+    base: System | None = None
+    defended: System | None = None
+    adversarial: dict[str, AdversarialPrompt | None] = field(default_factory=dict)
+    records: dict[str, list[ImageRecord]] = field(default_factory=dict)
+    judge: Any = None
+    evaluator: Any = None
+    scores: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - start, 3)
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.get("seed", 0))
+
+    def resolve(self, path: str | Path) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+
+def generation_settings(cfg: dict[str, Any]) -> GenerationSettings:
+    gen = cfg["model"]["generation"]
+    return GenerationSettings(**{k: gen[k] for k in SETTINGS_FIELDS if k in gen})
+
+
+def prepare(cfg: dict[str, Any], root: Path, pipelines: PipelineCache | None = None) -> Run:
+    """Build the plug-ins, refuse an incompatible CRT x attack pair, and locate the model; all in seconds."""
+    crt = registry.build_crt(cfg["crt"])
+    attack = registry.build_attack(cfg["attack"])
+    check_compatible(attack, DefendedModel(pipe=None, crt_name=crt.name, exposes=frozenset(crt.exposes)))
+    store = Store(_resolve(root, cfg["store"]["root"]))
+    settings = generation_settings(cfg)
+    model = (pipelines or PipelineCache()).open(cfg["model"], root, store, settings.scheduler)
+    counters = Counters()
+    gen = cfg["model"]["generation"]
+    maker = ImageMaker(store, model, settings, row_guidance=bool(gen.get("row_guidance", True)),
+                       placeholder=str(cfg["metric"].get("placeholder", "black")), counters=counters,
+                       progress=bool(cfg.get("progress", True)))
+    return Run(cfg, root, store, model, settings, crt, attack, maker, counters)
+
+
+def _resolve(root: Path, path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+# -- prompts ---------------------------------------------------------------------------------------------------
+
+
+def stage_prompts(run: Run) -> None:
+    """Concept config -> prompt sets (downloaded and verified for real concepts), stored by key."""
+    concept_cfg = run.cfg["concept"]
+    limit = run.cfg["model"].get("max_prompts_per_set")
+    default_seed = int(run.cfg["model"]["generation"].get("seed", 0))
+    spec = {"product": "prompt_sets", "concept": concept_cfg, "max_per_set": limit, "default_seed": default_seed}
+    data = run.cfg.get("data", {})
+    mirrors = [run.resolve(m) for m in list(data.get("mirrors") or []) + [data.get("mirror")] if m]
+    fetcher = SourceFetcher(run.resolve(data.get("downloads", run.store.root / "downloads")), mirrors,
+                            float(data.get("download_timeout_s", 20)))
+    value, _ = run.store.get_or_put_value(
+        "prompt_sets", spec, lambda: items_to_json(prompt_sets(concept_cfg, fetcher, default_seed, limit)))
+    run.prompts_key = key_of(spec)
+    run.concept = concept_spec(concept_cfg, items_from_json(value))
+    for name, items in run.concept.prompts.items():
+        log.info("prompt set %s/%s: %d prompts", run.concept.key, name, len(items))
+
+
+# -- fit -------------------------------------------------------------------------------------------------------
+
+
+def concept_identity(run: Run) -> dict[str, Any]:
+    assert run.concept is not None
+    return {"key": run.concept.key, "c_u": run.concept.c_u, "c_a": run.concept.c_a, "prompt_sets": run.prompts_key}
+
+
+def stage_fit(run: Run) -> None:
+    """Fit the CRT once per (model, CRT identity, concept prompts, settings, seed); the artifact is stored."""
+    spec = {"product": "artifact", "model": run.model.identity, "crt": run.crt.identity(),
+            "concept": concept_identity(run), "settings": asdict(run.settings), "seed": run.seed,
+            "numerics": numerics_versions()}
+    run.base = base_system(run)
+
+    def write(folder: Path) -> dict[str, Any]:
+        log.info("fitting %s on %s", run.crt.name, run.concept.key)
+        ctx = FitContext(pipe=run.model.pipe, concept=run.concept, settings=run.settings,
+                         generate=lambda items: run.maker.delivered_images(run.base, list(items), "fit"),
+                         device=run.model.device, seed=run.seed)
+        artifact = run.crt.fit(ctx)
+        save_artifact(folder, artifact)
+        return {"n_tensors": len(artifact.tensors), "meta": artifact.meta}
+
+    entry, fitted = run.store.get_or_put_files("artifact", spec, write)
+    run.artifact_key = entry.key
+    log.info("artifact %s %s", entry.key, "fitted" if fitted else "reused")
+    run.defended = defended_system(run)
+
+
+def save_artifact(folder: Path, artifact: Artifact) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in artifact.tensors.items()}
+    save_file(tensors, str(folder / "tensors.safetensors"))
+    (folder / "meta.json").write_text(json.dumps(artifact.meta, sort_keys=True, indent=1, default=str))
+
+
+def load_artifact(folder: Path) -> Artifact:
+    return Artifact(tensors=load_file(str(folder / "tensors.safetensors")),
+                    meta=json.loads((folder / "meta.json").read_text()))
+
+
+def base_system(run: Run) -> System:
+    def build() -> DefendedModel:
+        return DefendedModel(pipe=run.model.pipe, crt_name="base", exposes=frozenset(Access))
+
+    return System("base", {"model": run.model.identity}, build)
+
+
+def shares_base_generator(crt: CRT) -> bool:
+    """A filter or the identity leaves sampling untouched, so its raw images are the base model's."""
+    return crt.family in (Family.NONE, Family.FILTER)
+
+
+def defended_system(run: Run) -> System:
+    crt, artifact_key = run.crt, run.artifact_key
+    crt_id = {"crt": crt.identity(), "artifact": artifact_key}
+    identity = {"model": run.model.identity} if shares_base_generator(crt) else {"model": run.model.identity, **crt_id}
+
+    def build() -> DefendedModel:
+        entry = run.store.get(artifact_key)
+        defended = crt.apply(run.model.pipe, load_artifact(entry.path))
+        _check_defended(crt, defended, run.model.pipe)
+        check_compatible(run.attack, defended)
+        return defended
+
+    return System(crt.name, identity, build, crt_id if crt.family == Family.FILTER else None)
+
+
+def _check_defended(crt: CRT, defended: DefendedModel, base_pipe: Any) -> None:
+    if shares_base_generator(crt) and defended.pipe is not base_pipe:
+        raise HarnessError(f"CRT {crt.name!r} has family {crt.family.value!r} but its apply() changed the pipeline")
+    if (defended.filter is not None) != (crt.family == Family.FILTER):
+        raise HarnessError(f"CRT {crt.name!r}: a filter must come with family 'filter' (has {crt.family.value!r})")
+
+
+# -- attack ----------------------------------------------------------------------------------------------------
+
+
+def adversarial_spec(run: Run, target: PromptItem) -> dict[str, Any]:
+    return {"product": "adversarial_prompt", "system": run.defended.identity, "filter": run.defended.filter_identity,
+            "attack": run.attack.identity(), "concept": concept_identity(run), "target": asdict(target),
+            "settings": asdict(run.settings), "seed": run.seed, "numerics": numerics_versions()}
+
+
+def stage_attack(run: Run) -> None:
+    """Adversarial prompts for the unacceptable targets, stored one per target (a killed attack resumes)."""
+    targets = list(run.concept.prompt_set("unacceptable"))
+    found = run.store.get_many([key_of(adversarial_spec(run, t)) for t in targets])
+    todo = [t for t in targets if key_of(adversarial_spec(run, t)) not in found]
+    if todo:
+        ctx = attack_context(run)
+        chunk = max(1, int(run.cfg.get("attack_chunk", 8)))
+        for start in tqdm(range(0, len(todo), chunk), desc=f"attack {run.attack.name}", unit="chunk",
+                          disable=not run.maker.progress):
+            batch = todo[start:start + chunk]
+            results = {_target_id(a.target): a for a in run.attack.run(ctx, batch)}
+            for target in batch:
+                store_adversarial(run, target, results.get(_target_id(target)))
+    run.adversarial = {_target_id(t): load_adversarial(run, t) for t in targets}
+    n = sum(a is not None for a in run.adversarial.values())
+    log.info("attack %s (%s): %d adversarial prompts for %d targets", run.attack.name, run.attack.mode, n, len(targets))
+
+
+def _target_id(item: PromptItem) -> str:
+    return key_of(asdict(item))
+
+
+def attack_context(run: Run) -> AttackContext:
+    needs = run.attack.needs()
+    defended = run.defended.defended
+    oracle = None
+    if Access.JUDGE_ORACLE in needs:
+        judge = ensure_judge(run)
+        oracle = lambda images: [v.positive for v in judge.judge(images)]  # noqa: E731
+    return AttackContext(
+        defended=defended, concept=run.concept, settings=run.settings,
+        reference_images=lambda items: run.maker.delivered_images(run.base, list(items), "reference"),
+        base_pipe=run.model.pipe if Access.UNERASED_MODEL in needs else None, oracle=oracle,
+        generate=lambda model, items: _attack_generate(run, model, list(items)),
+        device=run.model.device, seed=run.seed)
+
+
+def _attack_generate(run: Run, model: DefendedModel, items: list[PromptItem]) -> list[Any]:
+    """Images as the user receives them; through the store when asked for the system under test itself."""
+    if model is run.defended.defended:
+        return run.maker.delivered_images(run.defended, items, "attack queries")
+    from metrics.filtering import deliver
+
+    requests = [ImageRequest(item) for item in items]
+    negative = model.negative_prompt if model.negative_prompt is not None else run.settings.negative_prompt
+    images: list[Any] = []
+    for start in range(0, len(requests), run.settings.batch_size):
+        batch = requests[start:start + run.settings.batch_size]
+        images += run.maker._sample(model.pipe, batch, run.maker.guidance(batch[0]), negative)
+    if model.filter is not None:
+        images = deliver(images, model.filter.flags(images), run.maker.placeholder)
+    return images
+
+
+def store_adversarial(run: Run, target: PromptItem, adv: AdversarialPrompt | None) -> None:
+    spec = adversarial_spec(run, target)
+    if adv is None:
+        run.store.put_value("adversarial_prompt", spec, {"found": False})
+        return
+    value = {"found": True, "text": adv.text, "cost": asdict(adv.cost),
+             "succeeded_during_search": adv.succeeded_during_search,
+             "log": json.loads(json.dumps(adv.log, default=str)), "embedding": adv.embedding is not None}
+    if adv.embedding is None:
+        run.store.put_value("adversarial_prompt", spec, value)
+        return
+
+    def write(folder: Path) -> dict[str, Any]:
+        save_file({"embedding": adv.embedding.detach().to("cpu").contiguous()}, str(folder / "embedding.safetensors"))
+        return value
+
+    run.store.put_files("adversarial_prompt", spec, write)
+
+
+def load_adversarial(run: Run, target: PromptItem) -> AdversarialPrompt | None:
+    entry = run.store.get(key_of(adversarial_spec(run, target)))
+    if entry is None or not entry.value.get("found"):
+        return None
+    value = entry.value
+    embedding = load_file(str(entry.path / "embedding.safetensors"))["embedding"] if value["embedding"] else None
+    return AdversarialPrompt(target=target, text=value["text"], embedding=embedding, cost=AttackCost(**value["cost"]),
+                             succeeded_during_search=value["succeeded_during_search"], log=value["log"])
+
+
+# -- generate --------------------------------------------------------------------------------------------------
+
+
+def stage_generate(run: Run) -> None:
+    """Defended images of the evaluated sets, base images of the acceptable set, images of adversarial prompts."""
+    concept = run.concept
+    for name in EVALUATED_SETS:
+        if name in concept.prompts:
+            run.records[f"defended/{name}"] = run.maker.make(run.defended, run.maker.requests(concept.prompts[name]),
+                                                             name)
+    if "acceptable" in concept.prompts:
+        run.records["base/acceptable"] = run.maker.make(run.base, run.maker.requests(concept.prompts["acceptable"]),
+                                                        "acceptable")
+    requests = [ImageRequest(r.item, r.index, text=adv.text, embedding=adv.embedding)
+                for r in run.maker.requests(concept.prompt_set("unacceptable"))
+                if (adv := run.adversarial.get(_target_id(r.item))) is not None]
+    run.records["adversarial/unacceptable"] = run.maker.make(run.defended, requests, "adversarial") if requests else []
+
+
+# -- score -----------------------------------------------------------------------------------------------------
+
+
+def judge_config(run: Run) -> dict[str, Any]:
+    chosen = dict(run.cfg.get("judge") or {})
+    if chosen.pop("from_concept", True):
+        return dict(run.concept.judge)
+    return chosen
+
+
+def ensure_judge(run: Run) -> Any:
+    if run.judge is None:
+        run.judge = _build_scorer(registry.build_judge, judge_config(run), "judge")
+    return run.judge
+
+
+def ensure_evaluator(run: Run) -> Any:
+    if run.evaluator is None:
+        cfg = dict(run.cfg["model"]["evaluator"])
+        if cfg.get("path") and run.resolve(cfg["path"]).exists():
+            cfg["path"] = str(run.resolve(cfg["path"]))
+        run.evaluator = _build_scorer(registry.build_evaluator, cfg, "evaluator")
+    return run.evaluator
+
+
+def _build_scorer(build: Callable[[dict[str, Any]], Any], cfg: dict[str, Any], what: str) -> Any:
+    try:
+        return build(cfg)
+    except HarnessError:
+        raise
+    except (OSError, ValueError, RuntimeError, ImportError, KeyError) as error:
+        raise HarnessError(f"could not build the {what} {cfg}: {str(error).splitlines()[0][:200]}") from None
+
+
+def stage_score(run: Run) -> None:
+    """Judge verdicts and evaluator embeddings for every delivered image the metrics read."""
+    scorer = Scorer(run.store, run.maker.load, run.counters, run.maker.progress)
+    judged = [r.delivered_key for name, records in run.records.items() if not name.startswith("base/")
+              for r in records]
+    embedded = [r.delivered_key for records in run.records.values() for r in records]
+    run.scores["judge"] = scorer.verdicts(ensure_judge(run), judged)
+    run.scores["embedding"] = scorer.embeddings(ensure_evaluator(run), embedded)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Run], None]] = {
+    "prompts": stage_prompts,
+    "fit": stage_fit,
+    "attack": stage_attack,
+    "generate": stage_generate,
+    "score": stage_score,
+}
+
+
+def run_stages(run: Run, stop_after: str = "report") -> Run:
+    """Run every stage up to and including ``stop_after``; metrics and report are in runners.results."""
+    from runners.results import stage_metrics, stage_report
+
+    if stop_after not in STAGES:
+        raise HarnessError(f"stop_after={stop_after!r}; choose one of {list(STAGES)}")
+    functions = {**STAGE_FUNCTIONS, "metrics": stage_metrics, "report": stage_report}
+    for stage in STAGES:
+        with run.timed(stage):
+            functions[stage](run)
+        if stage == stop_after:
+            break
+    log.info(run.counters.line())
+    return run
+
+
+def torch_threads(cfg: dict[str, Any]) -> None:
+    threads = cfg.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
