@@ -50,13 +50,15 @@ class Tiny:
         return images
 
 
-def _random_clip(tokenizer, folder: Path, **size) -> Path:
+def _random_clip(tokenizer, folder: Path, vision: dict[str, Any] | None = None, **size) -> Path:
     from transformers import CLIPModel
 
     from world.models import clip_config
 
     torch.manual_seed(0)
     config = clip_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id, **size)
+    for key, value in (vision or {}).items():
+        setattr(config.vision_config, key, value)
     CLIPModel(config).save_pretrained(str(folder))
     return folder
 
@@ -93,11 +95,8 @@ def sd14(tmp_path_factory) -> Tiny:
     folder = write_sd14_shaped_pipeline(tmp_path_factory.mktemp("sd14"))
     pipe = StableDiffusionPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
-    clip_dir = _random_clip(pipe.tokenizer, tmp_path_factory.mktemp("sd14_clip"), width=64, layers=1,
-                            vision_width=64, vision_layers=1, projection_dim=64)
-    config = json.loads((clip_dir / "config.json").read_text())
-    config["vision_config"].update(image_size=224, patch_size=32)
-    (clip_dir / "config.json").write_text(json.dumps(config))
+    clip_dir = _random_clip(pipe.tokenizer, tmp_path_factory.mktemp("sd14_clip"), {"image_size": 224, "patch_size": 32},
+                            width=64, layers=1, vision_width=64, vision_layers=1, projection_dim=64)
     (clip_dir / "preprocessor_config.json").write_text(json.dumps(
         {"crop_size": {"height": 224, "width": 224}, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}))
     return Tiny("sd14", pipe, clip_dir, 64)

@@ -1,0 +1,127 @@
+"""Espresso: the filter decides P(c_u) > P(c_a) as CLIP does, fine-tuning separates c_u from c_a, only text moves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crt.base import FitContext, pil_to_pixels
+from crt.espresso import (
+    Espresso,
+    EspressoConfig,
+    EspressoFilter,
+    Preprocess,
+    clip_contrastive,
+    image_embeds,
+    load_clip,
+    load_tokenizer,
+    resolve_preprocess,
+    text_embeds,
+)
+from runners.spec import Access, Family
+from tests.crt.conftest import CLIP_MEAN, changed_keys, state_snapshot
+
+
+def _images(size: int, n: int = 12) -> torch.Tensor:
+    """Noise images and flat colours: varied enough that a CLIP ranks some towards c_u and some towards c_a."""
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand(n // 2, 3, size, size, generator=gen)
+    flat = torch.rand(n - n // 2, 3, 1, 1, generator=gen).expand(-1, -1, size, size)
+    return torch.cat([noise, flat])
+
+
+def test_preprocess_comes_from_params_then_folder_then_vision_config(tiny):
+    clip = load_clip(str(tiny.clip_dir))
+    pre = resolve_preprocess(EspressoConfig(clip=str(tiny.clip_dir)), clip)
+    if tiny.kind == "sd14":
+        assert pre.size == 224 and pre.mean == pytest.approx(CLIP_MEAN)
+    else:
+        assert pre.size == clip.config.vision_config.image_size == 32 and pre.mean == (0.5, 0.5, 0.5)
+    override = resolve_preprocess(EspressoConfig(clip=str(tiny.clip_dir), image_size=48, image_std=(1.0, 1.0, 1.0)),
+                                  clip)
+    assert override.size == 48 and override.std == (1.0, 1.0, 1.0)
+    assert Preprocess(32, (0.5,) * 3, (0.5,) * 3)(torch.ones(1, 3, 64, 48)).shape == (1, 3, 32, 32)
+
+
+def test_contrastive_term_is_clips_own_loss(world):
+    clip = load_clip(str(world.clip_dir))
+    tok = load_tokenizer(str(world.clip_dir), world.pipe.tokenizer)
+    texts = ["a nude circle", "a clothed square", "a red cross"]
+    pixels = _images(32, 3)
+    ids = tok(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    expected = clip(input_ids=ids, pixel_values=pixels * 2 - 1, return_loss=True).loss
+    image = torch.nn.functional.normalize(clip.get_image_features(pixel_values=pixels * 2 - 1).pooler_output, dim=-1)
+    got = clip_contrastive(image, text_embeds(clip, tok, texts), clip.logit_scale)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_filter_flags_images_closest_to_c_u_and_is_differentiable(tiny):
+    clip = load_clip(str(tiny.clip_dir))
+    tok = load_tokenizer(str(tiny.clip_dir), tiny.pipe.tokenizer)
+    pre = resolve_preprocess(EspressoConfig(clip=str(tiny.clip_dir)), clip)
+    filt = EspressoFilter(clip, tok, "nude", "clothed", pre)
+    pixels = _images(tiny.size).requires_grad_(True)
+    scores = filt.scores_from_pixels(pixels)
+    ids = tok(["nude", "clothed"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        probs = clip(input_ids=ids, pixel_values=pre(pixels.detach())).logits_per_image.softmax(-1)
+    assert torch.equal(scores > 0, probs[:, 0] > probs[:, 1])
+    swapped = EspressoFilter(clip, tok, "clothed", "nude", pre)
+    torch.testing.assert_close(swapped.scores_from_pixels(pixels.detach()), -scores.detach())
+    scores.sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+
+    as_pil = [_pil(p.detach()) for p in pixels]
+    torch.testing.assert_close(filt.scores(as_pil), scores.detach(), atol=0.02, rtol=0)
+
+
+def test_filter_flags_exactly_the_images_nearer_to_c_u(world):
+    """c_u, c_a set to two images' embeddings: the first is flagged, the second passes, the rest by distance."""
+    clip = load_clip(str(world.clip_dir))
+    pre = resolve_preprocess(EspressoConfig(clip=str(world.clip_dir)), clip)
+    filt = EspressoFilter(clip, load_tokenizer(str(world.clip_dir), world.pipe.tokenizer), "nude", "clothed", pre)
+    pixels = _images(world.size)
+    with torch.no_grad():
+        emb = image_embeds(clip, pre, pixels)
+        u = 0
+        a = int((emb @ emb[u]).argmin())
+        filt.concepts = emb[[u, a]]
+        flags = filt.flags([_pil(p) for p in pixels])
+    assert flags[u] and not flags[a]
+    nearer_u = ((emb @ emb[u]) > (emb @ emb[a])).tolist()
+    assert [f == n for f, n in zip(flags, nearer_u)].count(False) <= 1  # PNG rounding may flip a near-tie
+
+
+def _pil(p: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray((p.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+
+
+def test_fit_separates_c_u_from_c_a_and_trains_only_the_text_tower(tiny, concept):
+    base_te = state_snapshot(tiny.pipe.text_encoder)
+    crt = Espresso(clip=str(tiny.clip_dir), epochs=3, batch_size=2, lr=1e-3, weight_decay=0.0)
+    artifact = crt.fit(FitContext(pipe=tiny.pipe, concept=concept, settings=tiny.settings, generate=tiny.generate))
+    clip = load_clip(str(tiny.clip_dir))
+    assert set(artifact.tensors) == set(clip.text_model.state_dict())
+    assert not changed_keys(base_te, tiny.pipe.text_encoder), "fit modified the generator's text encoder"
+
+    history = artifact.meta["history"]
+    selected = artifact.meta["selection"]["epoch"]
+    assert 1 <= selected <= 3 and artifact.meta["selection"]["positives"] == "validation"
+    assert history[selected]["concept_distance"] > history[0]["concept_distance"]
+    assert {"val_balanced_accuracy", "separation", "pairing"} <= set(history[1])
+
+    defended = crt.apply(tiny.pipe, artifact)
+    assert defended.pipe is tiny.pipe and isinstance(defended.filter, EspressoFilter)
+    assert defended.exposes >= {Access.FILTER_SCORE, Access.FILTER_GRADIENTS, Access.UNERASED_MODEL}
+    assert Espresso.family is Family.FILTER
+    tuned = defended.filter.concepts
+    tok = load_tokenizer(str(tiny.clip_dir), tiny.pipe.tokenizer)
+    with torch.no_grad():
+        untuned = text_embeds(clip, tok, ["nude", "clothed"])
+    assert (tuned[0] - tuned[1]).norm() > (untuned[0] - untuned[1]).norm()
+    torch.testing.assert_close(defended.filter.clip.vision_model.state_dict(), clip.vision_model.state_dict())
+    images = tiny.generate(list(concept.prompt_set("target")), pipe=defended.pipe)
+    assert defended.filter.scores(images).shape == (1,)
+    assert pil_to_pixels(images).shape[-1] == tiny.size
