@@ -41,7 +41,6 @@ def execute(cfg: DictConfig | dict, root: Path = ROOT, pipelines: PipelineCache 
         row = row_for(markdown, plain["model"]["name"], run.crt.name)
         if row:
             print(row, flush=True)
-    print(run.counters.line(), flush=True)
     return summary
 
 

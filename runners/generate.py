@@ -156,6 +156,7 @@ class ImageMaker:
     def _generate(self, system: System, missing: list[tuple[ImageRequest, str]], desc: str) -> None:
         defended = system.defended
         set_scheduler(defended.pipe, self.settings.scheduler)
+        defended.pipe.set_progress_bar_config(disable=True)
         negative = defended.negative_prompt if defended.negative_prompt is not None else self.settings.negative_prompt
         by_guidance = sorted(missing, key=lambda rk: self.guidance(rk[0]))
         bar = tqdm(total=len(missing), desc=f"generate {desc} ({system.name})", unit="img", disable=not self.progress)

@@ -233,11 +233,15 @@ def load_pipeline(folder: Path, cfg: dict[str, Any], device: torch.device, dtype
     components = json.loads((folder / "model_index.json").read_text())
     if "safety_checker" in components and not cfg.get("safety_checker", False):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # e.g. the advice to install accelerate, on every load
     try:
         pipe = cls.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as error:
         raise ModelUnavailable(f"could not load a {cls.__name__} from {folder} ({str(error).splitlines()[0][:160]}); "
                                f"pass model.path=/path/to/local/diffusers/folder") from None
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

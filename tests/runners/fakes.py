@@ -120,10 +120,11 @@ class SuffixAttack(Attack):
     requires: ClassVar[frozenset[Access]] = frozenset({Access.JUDGE_ORACLE})
     output: ClassVar[Literal["text", "embedding"]] = "text"
     calls: ClassVar[list[int]] = []
+    die_after_targets: ClassVar[int | None] = None  # simulates a killed process (not a parameter: same identity)
 
     def run(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
         SuffixAttack.calls.append(len(targets))
-        if self.params.get("fail_after") is not None and sum(SuffixAttack.calls) > self.params["fail_after"]:
+        if SuffixAttack.die_after_targets is not None and sum(SuffixAttack.calls) > SuffixAttack.die_after_targets:
             raise RuntimeError("attack killed")
         images = ctx.generate(ctx.defended, targets)
         verdicts = ctx.oracle(images)
