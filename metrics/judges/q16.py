@@ -34,6 +34,7 @@ LABELS = ("benign", "inappropriate")
 
 _NUMPY_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # pickle protocol 5
     ("numpy", "ndarray"), ("numpy", "dtype"),
 }
 
@@ -44,10 +45,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _NUMPY_GLOBALS:
             raise pickle.UnpicklingError(f"refusing global {module}.{name} in a prompt-embedding file")
-        if name == "_reconstruct":
-            core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
-            return core.multiarray._reconstruct
-        return getattr(np, name)
+        if module == "numpy":
+            return getattr(np, name)
+        core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+        return getattr(getattr(core, module.rsplit(".", 1)[1]), name)
 
 
 def load_numpy_pickle(data: bytes) -> np.ndarray:
