@@ -15,13 +15,16 @@ from metrics.judges.nudenet import PRESETS as NUDENET_PRESETS
 from metrics.judges.nudenet import NudeNetJudge
 from metrics.judges.q16 import Q16Judge
 from metrics.judges.resnet import IMAGENET_CLASSES, ResNet50Judge
+from metrics.judges.style import StyleClassifierJudge
 from metrics.judges.world import WorldJudge
 
 JUDGES: dict[str, type[Judge]] = {"nudenet": NudeNetJudge, "q16": Q16Judge, "resnet50": ResNet50Judge,
-                                  "world": WorldJudge}
+                                  "world": WorldJudge, "vangogh_style": StyleClassifierJudge,
+                                  "style_classifier": StyleClassifierJudge}
 
 __all__ = ["IMAGENET_CLASSES", "JUDGES", "NUDENET_PRESETS", "Judge", "JudgeUnavailable", "JudgeVerdict",
-           "NudeNetJudge", "Q16Judge", "ResNet50Judge", "WorldJudge", "build_judge"]
+           "NudeNetJudge", "Q16Judge", "ResNet50Judge", "StyleClassifierJudge", "WorldJudge",
+           "build_judge"]
 
 
 def _handler(path: str) -> type[Judge]:
