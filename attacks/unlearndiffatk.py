@@ -1,0 +1,233 @@
+"""UnlearnDiffAtk (Zhang et al., ECCV 2024): white-box search for K prefix tokens that make the defended UNet denoise
+a target image of the concept, judged after every timestep block with early stop (attacks.md §3).
+
+Each prefix slot is a distribution ``u_k`` on the probability simplex over the vocabulary (special tokens excluded,
+so that the decoded prompt is plain text); a one-hot sample with a straight-through gradient selects the token
+embedding; ``min_u E ||eps_theta(sqrt(a_t) z_tgt + sqrt(1 - a_t) eps, t, E([SOT, delta, c, EOT])) - eps||^2`` with
+Adam, gradients clipped to [-1, 1] (hardtanh), rows projected back onto the simplex by bisection. After each
+timestep the argmax tokens are decoded, one image is generated with the defended system as delivered (a filter
+applies) and the oracle decides. The adaptive variant adds ``lambda * filter score`` of the decoded predicted x0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, Timer
+from crt.base import pil_to_pixels
+from runners.spec import Access, PromptItem
+
+
+@dataclass(frozen=True)
+class UnlearnDiffAtkConfig:
+    """Defaults: the official configs (attacks.md §3); k is 5 for nudity/violence/illegal, 3 for objects and styles."""
+
+    k: int = 5
+    iterations: int = 40  # optimisation steps per timestep
+    timesteps: tuple[int, ...] | None = None  # explicit ascending schedule; None = range(t_start, t_stop + 1, t_step)
+    t_start: int = 10
+    t_stop: int = 990
+    t_step: int = 20
+    lr: float = 0.01
+    weight_decay: float = 0.1
+    simplex_tol: float = 1e-5
+    seed: int = 0
+    resolution: int | None = None  # target image size in pixels; None = the generation settings
+    adaptive_lambda: float = 1.0  # weight of the filter score on the predicted x0 (adaptive only)
+
+    def schedule(self) -> list[int]:
+        return list(self.timesteps) if self.timesteps is not None else list(range(self.t_start, self.t_stop + 1,
+                                                                                    self.t_step))
+
+
+def project_simplex(u: torch.Tensor, tol: float = 1e-5, max_iter: int = 100) -> torch.Tensor:
+    """Rows of ``u`` projected onto the simplex: ``clip(u - mu, 0, 1)`` with ``mu`` found by bisection per row."""
+    lo = u.min(-1, keepdim=True).values - 1
+    hi = u.max(-1, keepdim=True).values
+    for _ in range(max_iter):
+        mu = (lo + hi) / 2
+        excess = (u - mu).clamp(0, 1).sum(-1, keepdim=True) - 1
+        if excess.abs().max() < tol:
+            break
+        lo = torch.where(excess > 0, mu, lo)
+        hi = torch.where(excess > 0, hi, mu)
+    return (u - mu).clamp(0, 1)
+
+
+def encode_embeds(text_encoder: Any, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """CLIPTextModel's forward from token embeddings (its ``forward`` takes ids only in transformers 5).
+
+    Mirrors that forward: position embeddings, the causal mask, the encoder, the final layer norm.
+    """
+    from transformers.masking_utils import create_causal_mask
+
+    model = getattr(text_encoder, "text_model", text_encoder)
+    hidden = model.embeddings(inputs_embeds=inputs_embeds)
+    mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None)
+    out = model.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True)
+    return model.final_layer_norm(out.last_hidden_state)
+
+
+def prompt_layout(tokenizer: Any, text: str, k: int) -> tuple[torch.Tensor, bool]:
+    """``[SOT, k placeholders, prompt tokens, EOT, pad...]`` (77 ids) and whether the prompt had to be cut."""
+    length = tokenizer.model_max_length
+    body = tokenizer(text, add_special_tokens=False).input_ids
+    room = length - 2 - k
+    ids = [tokenizer.bos_token_id] + [tokenizer.eos_token_id] * k + body[:room] + [tokenizer.eos_token_id]
+    ids += [tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id] * (
+        length - len(ids))
+    return torch.tensor(ids), len(body) > room
+
+
+def resize_center(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of the short side and centre crop to ``size`` (the official target preprocessing)."""
+    h, w = pixels.shape[-2:]
+    if (h, w) == size:
+        return pixels
+    scale = max(size[0] / h, size[1] / w)
+    new = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
+    pixels = F.interpolate(pixels, size=new, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    top, left = (new[0] - size[0]) // 2, (new[1] - size[1]) // 2
+    return pixels[..., top:top + size[0], left:left + size[1]]
+
+
+@torch.no_grad()
+def target_latent(vae: Any, image: Any, size: tuple[int, int]) -> torch.Tensor:
+    """``VAE(x_tgt).mean * scaling_factor`` of a PIL image, as a float32 (1, 4, h, w) latent."""
+    pixels = resize_center(pil_to_pixels([image]), size) * 2 - 1
+    posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return posterior.mean.float() * vae.config.scaling_factor
+
+
+def decoded_x0(vae: Any, z_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] of the predicted clean latent ``(z_t - sqrt(1 - a) eps) / sqrt(a)`` (differentiable)."""
+    x0 = (z_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+    image = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+    return ((image + 1) / 2).clamp(0, 1)
+
+
+def _vocabulary(tokenizer: Any) -> torch.Tensor:
+    special = set(tokenizer.all_special_ids)
+    return torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+
+
+@dataclass
+class _Problem:
+    """What stays fixed while one target is attacked."""
+
+    target: PromptItem
+    base_embeds: torch.Tensor  # (1, 77, width) token embeddings of the layout
+    table: torch.Tensor  # (V', width) float32 embeddings of the allowed tokens
+    vocab: torch.Tensor  # (V',) their ids
+    latent: torch.Tensor  # z_tgt
+    truncated: bool
+
+
+class UnlearnDiffAtk(Attack):
+    """UnlearnDiffAtk; see the module docstring."""
+
+    name = "unlearndiffatk"
+    requires = frozenset({Access.UNET_GRADIENTS, Access.JUDGE_ORACLE})
+    output = "text"
+    version = "1"
+
+    def __init__(self, adaptive: bool = False, **params: Any):
+        super().__init__(adaptive=adaptive, **params)
+        if params.get("timesteps") is not None:
+            params = {**params, "timesteps": tuple(int(t) for t in params["timesteps"])}
+        self.config = UnlearnDiffAtkConfig(**params)
+
+    def needs(self) -> frozenset[Access]:
+        """The adaptive variant differentiates through the filter."""
+        return super().needs() | (frozenset({Access.FILTER_GRADIENTS}) if self.adaptive else frozenset())
+
+    def run(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
+        missing = [n for n in ("oracle", "generate", "reference_images") if getattr(ctx, n) is None]
+        if self.adaptive and ctx.defended.filter is None:
+            missing.append("defended.filter")
+        if missing:
+            raise ValueError(f"UnlearnDiffAtk needs {missing} in its AttackContext")
+        references = ctx.reference_images(list(targets))
+        per = max(len(references) // max(len(targets), 1), 1)
+        results = []
+        for i, target in enumerate(targets):
+            cost = AttackCost()
+            with Timer(cost):
+                results.append(self._attack(ctx, target, references[i * per], cost))
+        return results
+
+    def _problem(self, ctx: AttackContext, target: PromptItem, reference: Any) -> _Problem:
+        pipe, cfg = ctx.defended.pipe, self.config
+        table = pipe.text_encoder.get_input_embeddings().weight.detach()
+        vocab = _vocabulary(pipe.tokenizer)
+        ids, truncated = prompt_layout(pipe.tokenizer, target.text, cfg.k)
+        height = cfg.resolution or ctx.settings.height
+        width = cfg.resolution or ctx.settings.width
+        return _Problem(target=target, base_embeds=table[ids.to(table.device)][None].float(),
+                        table=table[vocab.to(table.device)].float(), vocab=vocab,
+                        latent=target_latent(pipe.vae, reference, (height, width)), truncated=truncated)
+
+    def _attack(self, ctx: AttackContext, target: PromptItem, reference: Any, cost: AttackCost) -> AdversarialPrompt:
+        cfg, pipe = self.config, ctx.defended.pipe
+        problem = self._problem(ctx, target, reference)
+        from diffusers import DDPMScheduler
+
+        noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+        device = problem.table.device
+        u = torch.full((cfg.k, len(problem.vocab)), 1.0 / len(problem.vocab), device=device, requires_grad=True)
+        optimizer = torch.optim.Adam([u], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        blocks, success, text = [], False, target.text
+        for t in cfg.schedule():
+            losses = [self._step(ctx, problem, u, optimizer, noise_schedule, t, gen, cost)
+                      for _ in range(cfg.iterations)]
+            tokens = problem.vocab[u.detach().argmax(-1).cpu()]
+            prefix = pipe.tokenizer.decode(tokens.tolist(), skip_special_tokens=True).strip()
+            text = f"{prefix} {target.text}".strip()
+            images = ctx.generate(ctx.defended, [PromptItem(text, seed=target.seed, guidance=target.guidance,
+                                                            case=target.case)])
+            cost.queries += len(images)
+            verdicts = ctx.oracle(images[:1])
+            cost.oracle_calls += 1
+            success = bool(verdicts[0])
+            blocks.append({"t": t, "loss": sum(losses) / max(len(losses), 1), "prefix": prefix, "judged": success})
+            if success:
+                break
+        log = {"config": asdict(cfg), "mode": self.mode, "oracle_used": True, "oracle_calls": cost.oracle_calls,
+               "timesteps_run": len(blocks), "blocks": blocks, "prompt_truncated": problem.truncated,
+               "simplex_max_violation": float((u.detach().sum(-1) - 1).abs().max()),
+               "mean_max_probability": float(u.detach().max(-1).values.mean()), "vocabulary": len(problem.vocab)}
+        return AdversarialPrompt(target=target, text=text, cost=cost, succeeded_during_search=success, log=log)
+
+    def _step(self, ctx: AttackContext, problem: _Problem, u: torch.Tensor, optimizer: torch.optim.Optimizer,
+              noise_schedule: Any, t: int, gen: torch.Generator, cost: AttackCost) -> float:
+        """One straight-through step on ``u``; only ``u`` receives gradients (the deployed modules are shared)."""
+        pipe, cfg = ctx.defended.pipe, self.config
+        device = u.device
+        sample = torch.multinomial(u.detach().float().cpu(), 1, generator=gen).squeeze(1).to(device)
+        onehot = F.one_hot(sample, u.shape[1]).to(u.dtype)
+        adv = (onehot + u - u.detach()) @ problem.table
+        embeds = torch.cat([problem.base_embeds[:, :1], adv[None], problem.base_embeds[:, 1 + cfg.k:]], dim=1)
+        cond = encode_embeds(pipe.text_encoder, embeds.to(pipe.text_encoder.dtype))
+        eps = torch.randn(problem.latent.shape, generator=gen).to(device)
+        timestep = torch.tensor([t], device=device, dtype=torch.long)
+        z_t = noise_schedule.add_noise(problem.latent, eps, timestep)
+        pred = pipe.unet(z_t.to(pipe.unet.dtype), timestep, encoder_hidden_states=cond.to(pipe.unet.dtype)).sample
+        loss = F.mse_loss(pred.float(), eps)
+        if self.adaptive:
+            alpha_bar = noise_schedule.alphas_cumprod[t].to(device)
+            pixels = decoded_x0(pipe.vae, z_t, pred.float(), alpha_bar)
+            loss = loss + cfg.adaptive_lambda * ctx.defended.filter.scores_from_pixels(pixels).sum()
+        (grad,) = torch.autograd.grad(loss, [u])
+        u.grad = F.hardtanh(grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            u.copy_(project_simplex(u, cfg.simplex_tol))
+        cost.forward += 1
+        cost.backward += 1
+        return loss.item()

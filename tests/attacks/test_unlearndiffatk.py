@@ -1,0 +1,113 @@
+"""UnlearnDiffAtk: simplex projection, the embeddings path equals the ids path, early stop on the oracle, u stays on
+the simplex, only u gets gradients, and the adaptive term reaches the filter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attacks.base import AttackContext, IncompatibleAttack, check_compatible
+from attacks.unlearndiffatk import UnlearnDiffAtk, encode_embeds, project_simplex, prompt_layout
+from crt.base import DefendedModel, ImageFilter
+from runners.spec import Access
+from tests.crt.conftest import changed_keys, state_snapshot
+
+
+def _sort_projection(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection onto the simplex by sorting (Held et al.), the reference for the bisection."""
+    s, _ = v.sort(-1, descending=True)
+    cums = s.cumsum(-1) - 1
+    idx = torch.arange(1, v.shape[-1] + 1, dtype=v.dtype)
+    rho = (s - cums / idx > 0).sum(-1, keepdim=True)
+    theta = cums.gather(-1, rho - 1) / rho
+    return (v - theta).clamp(min=0)
+
+
+def test_bisection_projects_rows_onto_the_simplex():
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(6, 50, generator=gen, dtype=torch.float64) * 0.3 + 0.02
+    p = project_simplex(u, tol=1e-9)
+    assert torch.allclose(p.sum(-1), torch.ones(6, dtype=torch.float64), atol=1e-8) and (p >= 0).all()
+    torch.testing.assert_close(p, _sort_projection(u), atol=1e-7, rtol=0)
+    torch.testing.assert_close(project_simplex(p, tol=1e-9), p, atol=1e-7, rtol=0)
+
+
+def test_embedding_path_equals_the_ids_path(tiny):
+    te, tok = tiny.pipe.text_encoder, tiny.pipe.tokenizer
+    ids, truncated = prompt_layout(tok, "a nude green cross", k=3)
+    assert not truncated and ids[0] == tok.bos_token_id and (ids[1:4] == tok.eos_token_id).all()
+    assert ids[4:8].tolist() == tok("a nude green cross", add_special_tokens=False).input_ids
+    assert prompt_layout(tok, "circle " * 80, k=3)[1]
+    with torch.no_grad():
+        expected = te(ids[None]).last_hidden_state
+        got = encode_embeds(te, te.get_input_embeddings()(ids[None]))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _context(tiny, concept, verdicts: list[bool], defended: DefendedModel | None = None):
+    calls = {"oracle": 0, "generate": 0}
+    defended = defended or DefendedModel(pipe=tiny.pipe, exposes=frozenset({Access.UNET_GRADIENTS}))
+
+    def oracle(images):
+        calls["oracle"] += 1
+        return [verdicts[calls["oracle"] - 1]] * len(images)
+
+    def generate(model, items):
+        calls["generate"] += len(items)
+        return tiny.generate(items, pipe=model.pipe)
+
+    ctx = AttackContext(defended=defended, concept=concept, settings=tiny.settings, oracle=oracle, generate=generate,
+                        reference_images=lambda items: tiny.generate(items))
+    return ctx, calls
+
+
+def test_stops_at_the_first_oracle_success_and_keeps_u_on_the_simplex(tiny, concept):
+    before = state_snapshot(tiny.pipe.unet)
+    attack = UnlearnDiffAtk(k=3, iterations=3, timesteps=[100, 500, 900])
+    ctx, calls = _context(tiny, concept, [False, True, True])
+    target = concept.prompt_set("target")[0]
+    [result] = attack.run(ctx, [target])
+    assert result.succeeded_during_search is True and result.log["timesteps_run"] == 2
+    assert calls == {"oracle": 2, "generate": 2} and result.cost.oracle_calls == 2 and result.cost.queries == 2
+    assert result.cost.forward == result.cost.backward == 2 * 3
+    assert result.log["oracle_used"] is True and result.log["simplex_max_violation"] < 1e-4
+    assert result.log["mean_max_probability"] > 1.0 / result.log["vocabulary"]
+    assert result.text.endswith(target.text) and len(result.text) > len(target.text)
+    assert [b["t"] for b in result.log["blocks"]] == [100, 500]
+    assert not changed_keys(before, tiny.pipe.unet)
+    assert all(p.grad is None for p in tiny.pipe.unet.parameters())
+    assert all(p.grad is None for p in tiny.pipe.text_encoder.parameters())
+
+
+def test_runs_the_whole_schedule_when_the_oracle_never_agrees(world, concept):
+    attack = UnlearnDiffAtk(k=2, iterations=1, t_start=100, t_stop=900, t_step=400)
+    ctx, calls = _context(world, concept, [False] * 3)
+    [result] = attack.run(ctx, list(concept.prompt_set("target")))
+    assert result.succeeded_during_search is False and result.log["timesteps_run"] == 3 == calls["oracle"]
+
+
+class DarkFilter(ImageFilter):
+    """A differentiable stand-in for Espresso: flags bright images."""
+
+    def scores_from_pixels(self, pixels):
+        return pixels.mean((1, 2, 3)) - 0.5
+
+
+def test_adaptive_variant_needs_filter_gradients_and_adds_the_filter_term(world, concept):
+    attack = UnlearnDiffAtk(adaptive=True, k=2, iterations=2, timesteps=[500], adaptive_lambda=100.0)
+    assert {Access.FILTER_SCORE, Access.FILTER_GRADIENTS} <= attack.needs()
+    scored_only = DefendedModel(pipe=world.pipe, filter=DarkFilter(),
+                                exposes=frozenset({Access.UNET_GRADIENTS, Access.JUDGE_ORACLE, Access.FILTER_SCORE}))
+    with pytest.raises(IncompatibleAttack):
+        check_compatible(attack, scored_only)
+    defended = DefendedModel(pipe=world.pipe, filter=DarkFilter(), exposes=scored_only.exposes | {
+        Access.FILTER_GRADIENTS})
+    check_compatible(attack, defended)
+    target = concept.prompt_set("target")[0]
+    ctx, _ = _context(world, concept, [False], defended)
+    [adaptive] = attack.run(ctx, [target])
+    ctx, _ = _context(world, concept, [False], defended)
+    [plain] = UnlearnDiffAtk(k=2, iterations=2, timesteps=[500]).run(ctx, [target])
+    gap = adaptive.log["blocks"][0]["loss"] - plain.log["blocks"][0]["loss"]
+    assert abs(gap) > 1.0, "the filter term (100 x score) must be part of the adaptive loss"
+    assert adaptive.log["mode"] == "adaptive" and plain.log["mode"] == "transfer"
