@@ -91,6 +91,14 @@ class System:
         return self.build()
 
 
+def base_system(model: ModelHandle) -> System:
+    """The undefended model: the reference for normalized CLIP score and the source of attack target images."""
+    from runners.spec import Access
+
+    return System("base", {"model": model.identity},
+                  lambda: DefendedModel(pipe=model.pipe, crt_name="base", exposes=frozenset(Access)))
+
+
 def tensor_sha256(tensor: torch.Tensor) -> str:
     data = tensor.detach().to("cpu", torch.float32).contiguous()
     digest = hashlib.sha256(str(tuple(data.shape)).encode())

@@ -24,7 +24,7 @@ from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, c
 from crt.base import CRT, Artifact, DefendedModel, FitContext
 from runners import registry
 from runners.concepts import SourceFetcher, concept_spec, items_from_json, items_to_json, prompt_sets
-from runners.generate import Counters, ImageMaker, ImageRecord, ImageRequest, System
+from runners.generate import Counters, ImageMaker, ImageRecord, ImageRequest, System, base_system
 from runners.models import HarnessError, ModelHandle, PipelineCache, numerics_versions
 from runners.scoring import Scorer
 from runners.spec import Access, ConceptSpec, Family, GenerationSettings, PromptItem
@@ -141,7 +141,7 @@ def stage_fit(run: Run) -> None:
     spec = {"product": "artifact", "model": run.model.identity, "crt": run.crt.identity(),
             "concept": concept_identity(run), "settings": asdict(run.settings), "seed": run.seed,
             "numerics": numerics_versions()}
-    run.base = base_system(run)
+    run.base = base_system(run.model)
 
     def write(folder: Path) -> dict[str, Any]:
         log.info("fitting %s on %s", run.crt.name, run.concept.key)
@@ -167,13 +167,6 @@ def save_artifact(folder: Path, artifact: Artifact) -> None:
 def load_artifact(folder: Path) -> Artifact:
     return Artifact(tensors=load_file(str(folder / "tensors.safetensors")),
                     meta=json.loads((folder / "meta.json").read_text()))
-
-
-def base_system(run: Run) -> System:
-    def build() -> DefendedModel:
-        return DefendedModel(pipe=run.model.pipe, crt_name="base", exposes=frozenset(Access))
-
-    return System("base", {"model": run.model.identity}, build)
 
 
 def shares_base_generator(crt: CRT) -> bool:

@@ -1,0 +1,66 @@
+"""The command line: unknown options list the choices, an unreachable model fails fast, a full run, a rerun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def test_unknown_crt_exits_nonzero_and_lists_the_available_ones():
+    result = _run("crt=doesnotexist")
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Could not find 'crt/doesnotexist'" in output and "Available options in 'crt'" in output
+    assert "\tnone" in output
+
+
+def test_offline_real_concept_fails_fast_with_one_clear_line(tmp_path: Path):
+    start = time.perf_counter()
+    result = _run("concept=nudity", f"store.root={tmp_path / 'store'}",
+                  env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}, timeout=60)
+    assert time.perf_counter() - start < 30
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1
+    assert "CompVis/stable-diffusion-v1-4" in error_lines[0] and "model.path=" in error_lines[0]
+
+
+def test_cli_run_on_a_local_folder_then_a_rerun_recomputes_nothing(sd14_shaped_folder: Path, tmp_path: Path):
+    args = [f"model.path={sd14_shaped_folder}", "model.fallback_path=null", "model.max_prompts_per_set=2",
+            "model.generation.steps=2", "model.generation.height=64", "model.generation.width=64",
+            "+model.evaluator.handler=tests.runners.fakes.FakeEvaluator", "judge.from_concept=false",
+            "+judge.handler=tests.runners.fakes.FakeJudge", f"store.root={tmp_path / 'store'}",
+            f"results.dir={tmp_path / 'results'}", "metric.bootstrap.n_boot=50", "progress=false",
+            f"hydra.run.dir={tmp_path / 'outputs'}"]
+    first = _run(*args, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "| none |" in first.stdout
+    assert (tmp_path / "results" / "leaderboard.md").is_file()
+    second = _run(*args, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    log = (tmp_path / "outputs" / "run.log").read_text()
+    assert "images generated: 0, reused: 8; scores computed: 0, reused: 12" in log
+
+
+@pytest.mark.skipif(not (ROOT / "world" / "weights" / "pipeline" / "model_index.json").is_file(),
+                    reason="the miniature world's weights are not trained yet")
+def test_default_command_runs_the_miniature_world(tmp_path: Path):
+    args = ["model.max_prompts_per_set=4", f"store.root={tmp_path / 'store'}", f"results.dir={tmp_path / 'results'}",
+            "progress=false", f"hydra.run.dir={tmp_path / 'outputs'}"]
+    result = _run(*args, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| none |" in result.stdout
