@@ -37,15 +37,3 @@ def read_attributes(judges: dict[str, AttributeJudge],
         out[family] = ([labels[i] for i in probs.argmax(-1).tolist()], probs)
     return out
 
-
-def predicate_labels(predicate: dict) -> dict[str, str]:
-    """A concept's predicate with booleans spelled as the judges' labels ("yes"/"no")."""
-    return {family: ("yes" if value else "no") if isinstance(value, bool) else str(value)
-            for family, value in predicate.items()}
-
-
-def concept_present(attributes: dict[str, tuple[list[str], torch.Tensor]], predicate: dict) -> list[bool]:
-    """Per image, whether every family named in ``predicate`` reads the required label."""
-    wanted = predicate_labels(predicate)
-    n = len(next(iter(attributes.values()))[0])
-    return [all(attributes[f][0][i] == label for f, label in wanted.items()) for i in range(n)]
