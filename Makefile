@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make run` and `make test` (both create .venv and install on first use).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-crt-bench
+ARGS ?=
+
+.PHONY: install run test test-slow lint leaderboard world world-check
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)  ## the whole pipeline on the miniature world (pass overrides as ARGS="crt=... attack=...")
+	$(PY) run.py $(ARGS)
+
+test: $(STAMP)  ## fast suite (slow tests excluded by pyproject addopts); "no tests collected" is a failure
+	@$(PY) -m pytest -q; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+leaderboard: $(STAMP)  ## rebuild results/leaderboard.md and .csv from results/runs/*.json
+	$(PY) -m runners.leaderboard results
+
+world: $(STAMP)  ## retrain the miniature world (hours on 2 cores; resumable)
+	PYTHON=$(PY) bash world/train_all.sh
+
+world-check: $(STAMP)
+	$(PY) -m world.check
