@@ -152,7 +152,7 @@ class RingABell(Attack):
                 cost: AttackCost) -> AdversarialPrompt:
         cfg, tok, encoder = self.config, pipe.tokenizer, pipe.text_encoder
         length = min(cfg.length, tok.model_max_length - 2)
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed + ctx.seed)  # per target: chunking does not change results
         vocab = vocabulary(tok)
         goal = encode(encoder, tokenize(tok, [target.text]))[0] + cfg.eta * c
         cost.forward += 1

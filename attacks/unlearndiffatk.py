@@ -180,7 +180,7 @@ class UnlearnDiffAtk(Attack):
         device = problem.table.device
         u = torch.full((cfg.k, len(problem.vocab)), 1.0 / len(problem.vocab), device=device, requires_grad=True)
         optimizer = torch.optim.Adam([u], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed + ctx.seed)  # per target, shifted by the run seed
         blocks, success, text = [], False, target.text
         for t in cfg.schedule():
             losses = [self._step(ctx, problem, u, optimizer, noise_schedule, t, gen, cost)

@@ -117,7 +117,7 @@ class ESD(CRT):
 
     name = "esd"
     family = Family.WEIGHT_EDIT
-    exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS})
+    exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.JUDGE_ORACLE})  # as crt.none: open weights
     trains = "unet: attn2 (x) or Linear/Conv outside attn2 (u)"
     version = "1"
 
@@ -126,6 +126,7 @@ class ESD(CRT):
         self.config = ESDConfig(**params)
         if self.config.method not in ("x", "u"):
             raise ValueError(f"ESD method must be 'x' or 'u', got {self.config.method!r}")
+        self.name = f"esd_{self.config.method}"  # two variants, two names in results and leaderboards
 
     def fit(self, ctx: FitContext) -> Artifact:
         cfg = self.config
@@ -138,7 +139,7 @@ class ESD(CRT):
         params = [p for n, p in unet.named_parameters() if n in names]
         optimizer = torch.optim.Adam(params, lr=cfg.lr)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed + ctx.seed)  # the run seed shifts the paper seed
         history: list[float] = []
         for step, batch in zip(range(cfg.iterations), self._batches(ctx, cond, uncond, gen)):
             with _autocast(device, cfg.mixed_precision):
@@ -179,8 +180,7 @@ class ESD(CRT):
 
     def apply(self, pipe: Any, artifact: Artifact) -> DefendedModel:
         unet = edited_copy(pipe.unet, artifact.tensors)
-        return DefendedModel(pipe=replace_module(pipe, "unet", unet), crt_name=f"esd_{self.config.method}",
-                             exposes=self.exposes)
+        return DefendedModel(pipe=replace_module(pipe, "unet", unet), crt_name=self.name, exposes=self.exposes)
 
 
 def _encode(pipe: Any, texts: list[str], device: torch.device) -> torch.Tensor:

@@ -183,8 +183,8 @@ class Espresso(CRT):
 
     name = "espresso"
     family = Family.FILTER
-    exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.UNERASED_MODEL, Access.FILTER_SCORE,
-                         Access.FILTER_GRADIENTS})
+    exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.UNERASED_MODEL, Access.JUDGE_ORACLE,
+                         Access.FILTER_SCORE, Access.FILTER_GRADIENTS})
     trains = "filter CLIP text tower (text_model)"
     version = "1"
 
@@ -208,7 +208,7 @@ class Espresso(CRT):
         text_model.requires_grad_(True)
         optimizer = torch.optim.Adam(text_model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                      weight_decay=cfg.weight_decay)
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed + ctx.seed)
         history = [{"epoch": 0, **self._evaluate(clip, tokenizer, pairs, positives, negatives)}]
         best: tuple[tuple[float, float], int, dict[str, torch.Tensor]] | None = None
         for epoch in range(1, cfg.epochs + 1):
