@@ -30,22 +30,31 @@ def import_handler(path: str, what: str) -> Any:
         raise HarnessError(f"{what}: handler {path!r} cannot be imported ({error})") from None
 
 
-def _params(cfg: dict[str, Any]) -> dict[str, Any]:
-    return dict(cfg.get("params") or {})
+def _params(cfg: dict[str, Any], model: str | None = None) -> dict[str, Any]:
+    """``params``, updated by the block named after the model when there is one (e.g. ``mini:`` scales a CRT's
+    iterations to the miniature world); the merged values are what the plug-in's identity records."""
+    params = dict(cfg.get("params") or {})
+    per_model = cfg.get(model) if model else None
+    if isinstance(per_model, dict):
+        unknown = set(per_model) - set(params)
+        if unknown:
+            raise HarnessError(f"{cfg.get('name')!r}: the {model!r} block sets unknown params {sorted(unknown)}")
+        params.update(per_model)
+    return params
 
 
-def build_crt(cfg: dict[str, Any]) -> CRT:
+def build_crt(cfg: dict[str, Any], model: str | None = None) -> CRT:
     cls = import_handler(cfg["handler"], f"crt {cfg.get('name')!r}")
     if not (isinstance(cls, type) and issubclass(cls, CRT)):
         raise HarnessError(f"crt handler {cfg['handler']!r} is not a crt.base.CRT subclass")
-    return cls(**_params(cfg))
+    return cls(**_params(cfg, model))
 
 
-def build_attack(cfg: dict[str, Any]) -> Attack:
+def build_attack(cfg: dict[str, Any], model: str | None = None) -> Attack:
     cls = import_handler(cfg["handler"], f"attack {cfg.get('name')!r}")
     if not (isinstance(cls, type) and issubclass(cls, Attack)):
         raise HarnessError(f"attack handler {cfg['handler']!r} is not an attacks.base.Attack subclass")
-    return cls(adaptive=bool(cfg.get("adaptive", False)), **_params(cfg))
+    return cls(adaptive=bool(cfg.get("adaptive", False)), **_params(cfg, model))
 
 
 def build_judge(cfg: dict[str, Any]) -> Any:

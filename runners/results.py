@@ -225,9 +225,9 @@ def filter_rates(run: Run, values: dict[str, dict[str, np.ndarray]]) -> dict[str
         if name.startswith("base/") or not records:
             continue
         est, lo, hi = _mean_ci(run, values[name]["flagged"].astype(float), _prompt_groups(records))
-        group = "utility" if name.endswith("acceptable") and not name.endswith("unacceptable") else "effectiveness"
+        acceptable = name.endswith("/acceptable")  # flags there are false positives: lost utility
         out[f"filter/flag_rate/{name.replace('/', '_')}"] = _metric(
-            est, len(records), (lo, hi), group, name.endswith("/acceptable") is False,
+            est, len(records), (lo, hi), "utility" if acceptable else "effectiveness", not acceptable,
             f"fraction of generated images the filter flagged ({name})", placeholder=run.maker.placeholder)
     return out
 
@@ -269,16 +269,13 @@ def stage_report(run: Run) -> None:
 
 
 def results_document(run: Run, rows_relpath: str) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.to_container(OmegaConf.create(run.cfg), resolve=True) if not isinstance(run.cfg, dict) else run.cfg
     return {
         "schema_version": SCHEMA_VERSION,
         "run_key": key_of(run_identity(run)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "labels": {"model": run.cfg["model"].get("name"), "concept": run.concept.key, "crt": run.crt.name,
                    "attack": _attack_label(run), "attack_mode": run.attack.mode},
-        "config": cfg,
+        "config": run.cfg,
         "git": git_state(run.root),
         "packages": package_versions(),
         "device": device_info(run.model.device),

@@ -88,8 +88,9 @@ def generation_settings(cfg: dict[str, Any]) -> GenerationSettings:
 
 def prepare(cfg: dict[str, Any], root: Path, pipelines: PipelineCache | None = None) -> Run:
     """Build the plug-ins, refuse an incompatible CRT x attack pair, and locate the model; all in seconds."""
-    crt = registry.build_crt(cfg["crt"])
-    attack = registry.build_attack(cfg["attack"])
+    model_name = cfg["model"].get("name")
+    crt = registry.build_crt(cfg["crt"], model_name)
+    attack = registry.build_attack(cfg["attack"], model_name)
     check_compatible(attack, DefendedModel(pipe=None, crt_name=crt.name, exposes=frozenset(crt.exposes)))
     store = Store(_resolve(root, cfg["store"]["root"]))
     settings = generation_settings(cfg)

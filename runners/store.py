@@ -174,7 +174,12 @@ class Store:
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists():  # an orphan from a crash between rename and index insert, or a concurrent writer
                 shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
+            try:
+                os.replace(staging, final)
+            except OSError:
+                if not final.is_dir():
+                    raise
+                shutil.rmtree(staging, ignore_errors=True)  # a concurrent writer of the same key won; same content
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -67,3 +67,27 @@ def test_paper_presets_override_generation():
 def test_local_model_keeps_sd_settings():
     cfg = compose_config(["model=local", "model.path=/x/y"])["model"]
     assert cfg["name"] == "local" and cfg["path"] == "/x/y" and cfg["generation"]["steps"] == 50
+
+
+@pytest.mark.parametrize("group", ["crt", "attack"])
+@pytest.mark.parametrize("model", ["mini", "sd14"])
+def test_every_plugin_builds_from_its_config_with_per_model_params(group: str, model: str):
+    from runners import registry
+    from runners.spec import canonical_json
+
+    build = registry.build_crt if group == "crt" else registry.build_attack
+    for option in available(group):
+        cfg = compose_config([f"{group}={option}", f"model={model}"])[group]
+        plugin = build(cfg, model)
+        expected = {**(cfg.get("params") or {}), **(cfg.get(model) or {})}
+        assert plugin.params == expected, option
+        assert canonical_json(plugin.identity())
+
+
+def test_per_model_block_cannot_invent_params():
+    from runners.models import HarnessError
+    from runners.registry import build_crt
+
+    cfg = {"name": "none", "handler": "crt.none.NoCRT", "params": {}, "mini": {"typo": 1}}
+    with pytest.raises(HarnessError, match="unknown params"):
+        build_crt(cfg, "mini")
