@@ -206,9 +206,17 @@ def adversarial_spec(run: Run, target: PromptItem) -> dict[str, Any]:
             "settings": asdict(run.settings), "seed": run.seed, "numerics": numerics_versions()}
 
 
+def attack_targets(run: Run) -> list[PromptItem]:
+    """The unacceptable prompts that are attacked (and are the ASR denominator): the first
+    ``model.max_attack_targets`` of them, or all."""
+    targets = list(run.concept.prompt_set("unacceptable"))
+    limit = run.cfg["model"].get("max_attack_targets")
+    return targets[:limit] if limit else targets
+
+
 def stage_attack(run: Run) -> None:
     """Adversarial prompts for the unacceptable targets, stored one per target (a killed attack resumes)."""
-    targets = list(run.concept.prompt_set("unacceptable"))
+    targets = attack_targets(run)
     found = run.store.get_many([key_of(adversarial_spec(run, t)) for t in targets])
     todo = [t for t in targets if key_of(adversarial_spec(run, t)) not in found]
     if todo:
@@ -304,7 +312,7 @@ def stage_generate(run: Run) -> None:
         run.records["base/acceptable"] = run.maker.make(run.base, run.maker.requests(concept.prompts["acceptable"]),
                                                         "acceptable")
     requests = [ImageRequest(r.item, r.index, text=adv.text, embedding=adv.embedding)
-                for r in run.maker.requests(concept.prompt_set("unacceptable"))
+                for r in run.maker.requests(attack_targets(run))
                 if (adv := run.adversarial.get(_target_id(r.item))) is not None]
     run.records["adversarial/unacceptable"] = run.maker.make(run.defended, requests, "adversarial") if requests else []
 

@@ -182,3 +182,13 @@ def test_end_to_end_on_the_miniature_world(tmp_path: Path):
     assert doc["metrics"]["effectiveness/clip_accuracy/unacceptable"]["n"] == 4
     again = execute(cfg, pipelines=PipelineCache())
     assert again["counters"].images_generated == 0 and again["counters"].scores_computed == 0
+
+
+def test_attack_targets_can_be_limited_and_are_the_asr_denominator(tiny_config):
+    cfg = plugin(tiny_config(prompts=4), "attack", "tests.runners.fakes.SuffixAttack", "suffix")
+    cfg["model"]["max_attack_targets"] = 2
+    fakes.SuffixAttack.calls.clear()
+    doc = _results(execute(cfg, pipelines=PipelineCache()))
+    assert fakes.SuffixAttack.calls == [2]
+    assert doc["metrics"]["robustness/asr/suffix"]["n"] == 2
+    assert doc["metrics"]["effectiveness/clip_accuracy/unacceptable"]["n"] == 4  # effectiveness uses the whole set
