@@ -28,7 +28,7 @@ def tiny_config(tmp_path: Path, sd14_shaped_folder: Path) -> Callable[..., dict[
     """The default config on the SD-shaped random pipeline: 3 prompts per set, 2 steps, fake judge and evaluator."""
 
     def make(*overrides: str, prompts: int = 3) -> dict[str, Any]:
-        cfg = compose_config(["concept=world_nudity", *overrides])
+        cfg = compose_config(["concept=world_nudity", "crt=none", "attack=none", *overrides])
         cfg["model"].update(path=str(sd14_shaped_folder), fallback_path=None, max_prompts_per_set=prompts,
                             evaluator=dict(FAKE_EVALUATOR))
         cfg["model"]["generation"].update(steps=2, height=64, width=64, batch_size=4)

@@ -40,7 +40,8 @@ def test_hydra_launchers_compose(launcher: str):
 
 def test_defaults_are_the_miniature_world():
     cfg = compose_config()
-    assert cfg["model"]["name"] == "mini" and cfg["concept"]["key"].startswith("world_")
+    assert cfg["model"]["name"] == "mini" and cfg["concept"]["key"] == "world_nudity"
+    assert cfg["crt"]["name"] == "espresso" and cfg["attack"]["name"] == "ringabell"
     assert cfg["model"]["generation"]["height"] == 32 and cfg["model"]["generation"]["steps"] == 25
     assert cfg["model"]["generation"]["guidance"] == 5.0 and cfg["model"]["evaluator"]["backend"] == "hf"
     assert cfg["logging"]["wandb"] is False and cfg["logging"]["wandb_mode"] == "offline"

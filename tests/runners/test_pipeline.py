@@ -169,8 +169,8 @@ def test_incompatible_pair_is_refused_before_any_work(tiny_config):
 
 @pytest.mark.skipif(not WORLD_PIPELINE.is_file(), reason="the miniature world's weights are not trained yet")
 def test_end_to_end_on_the_miniature_world(tmp_path: Path):
-    """The real default run (model=mini, world judge and evaluator), cut to 4 prompts per set."""
-    cfg = compose_config()
+    """The world as shipped (model=mini, world judge and evaluator) with crt=none, cut to 4 prompts per set."""
+    cfg = compose_config(["crt=none", "attack=none"])
     cfg["model"]["max_prompts_per_set"] = 4
     cfg["store"]["root"] = str(tmp_path / "store")
     cfg["results"]["dir"] = str(tmp_path / "results")
