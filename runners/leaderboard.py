@@ -102,6 +102,8 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
     writer = csv.writer(out)
     writer.writerow(["model", "crt", "concept", "metric", "attack", "higher_is_better", "value", "ci_lo", "ci_hi",
                      "n"])
+    if not tables:
+        lines.append("No results yet: `make run` adds the first row.")
     for model, (columns, rows) in sorted(tables.items()):
         directions = {c: _direction(c, rows) for c in columns}
         lines += [f"## model: {model}", "", "| CRT | " + " | ".join(c.header(directions[c]) for c in columns) + " |",
