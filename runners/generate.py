@@ -172,7 +172,7 @@ class ImageMaker:
             group = list(group)
             for start in range(0, len(group), self.settings.batch_size):
                 batch = group[start:start + self.settings.batch_size]
-                images = self._sample(defended.pipe, [r for r, _ in batch], guidance, negative)
+                images = self.sample(defended.pipe, [r for r, _ in batch], guidance, negative)
                 for (request, _), image in zip(batch, images):
                     self.store.put_files("image", self.image_spec(system, request),
                                          lambda folder, image=image: _write_png(folder, image))
@@ -180,7 +180,18 @@ class ImageMaker:
                 bar.update(len(batch))
         bar.close()
 
-    def _sample(self, pipe: Any, requests: list[ImageRequest], guidance: float, negative: str) -> list[Image.Image]:
+    def sample_unstored(self, pipe: Any, requests: list[ImageRequest], negative: str) -> list[Image.Image]:
+        """Images in request order, batched per guidance scale, not stored (for models outside the run's systems)."""
+        images: dict[int, Image.Image] = {}
+        order = sorted(range(len(requests)), key=lambda i: self.guidance(requests[i]))
+        for guidance, group in groupby(order, key=lambda i: self.guidance(requests[i])):
+            group = list(group)
+            for start in range(0, len(group), self.settings.batch_size):
+                chunk = group[start:start + self.settings.batch_size]
+                images.update(zip(chunk, self.sample(pipe, [requests[i] for i in chunk], guidance, negative)))
+        return [images[i] for i in range(len(requests))]
+
+    def sample(self, pipe: Any, requests: list[ImageRequest], guidance: float, negative: str) -> list[Image.Image]:
         """One pipeline call for a batch; each image has its own CPU generator so batches do not change pixels."""
         s = self.settings
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]

@@ -258,12 +258,8 @@ def _attack_generate(run: Run, model: DefendedModel, items: list[PromptItem]) ->
         return run.maker.delivered_images(run.defended, items, "attack queries")
     from metrics.filtering import deliver
 
-    requests = [ImageRequest(item) for item in items]
     negative = model.negative_prompt if model.negative_prompt is not None else run.settings.negative_prompt
-    images: list[Any] = []
-    for start in range(0, len(requests), run.settings.batch_size):
-        batch = requests[start:start + run.settings.batch_size]
-        images += run.maker._sample(model.pipe, batch, run.maker.guidance(batch[0]), negative)
+    images = run.maker.sample_unstored(model.pipe, [ImageRequest(item) for item in items], negative)
     if model.filter is not None:
         images = deliver(images, model.filter.flags(images), run.maker.placeholder)
     return images

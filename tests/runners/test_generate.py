@@ -24,8 +24,8 @@ def maker(sd14_shaped_folder, tmp_path):
 def test_pixels_do_not_depend_on_the_batch(maker):
     items = [PromptItem("a red circle", 1), PromptItem("a blue square", 2), PromptItem("a green ring", 3)]
     pipe = base_system(maker.model).defended.pipe
-    together = maker._sample(pipe, [ImageRequest(i) for i in items], 7.5, "")
-    alone = maker._sample(pipe, [ImageRequest(items[1])], 7.5, "")
+    together = maker.sample(pipe, [ImageRequest(i) for i in items], 7.5, "")
+    alone = maker.sample(pipe, [ImageRequest(items[1])], 7.5, "")
     diff = np.abs(np.asarray(together[1], dtype=int) - np.asarray(alone[0], dtype=int)).max()
     assert diff <= 2  # one seeded generator per image; only float reassociation across batch sizes remains
 
@@ -68,3 +68,13 @@ def test_images_per_prompt_seeds_each_image(maker):
     assert maker.counters.images_generated == 3
     maker.make(base_system(maker.model), requests)
     assert maker.counters.images_generated == 3 and maker.counters.images_reused == 3
+
+
+def test_unstored_sampling_keeps_request_order_across_guidance_groups(maker):
+    red, blue = PromptItem("a red circle", 1, 9.0), PromptItem("a blue square", 2, 3.0)
+    items = [red, blue, red]
+    pipe = base_system(maker.model).defended.pipe
+    images = maker.sample_unstored(pipe, [ImageRequest(i) for i in items], "")
+    assert len(images) == 3 and maker.store.count("image") == 0
+    assert np.array_equal(np.asarray(images[0]), np.asarray(images[2]))
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
