@@ -58,7 +58,8 @@ def test_cli_run_on_a_local_folder_then_a_rerun_recomputes_nothing(sd14_shaped_f
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (ROOT / "world" / "weights" / "pipeline" / "model_index.json").is_file(),
+@pytest.mark.skipif(not all((ROOT / "world" / "weights" / p).exists() for p in ("pipeline/model_index.json", "clip",
+                                                                              "clip_eval", "judges")),
                     reason="the miniature world's weights are not trained yet")
 def test_default_command_runs_the_miniature_world(tmp_path: Path):
     """`python run.py` as shipped (Espresso x Ring-A-Bell on world_nudity), on fewer prompts; minutes."""

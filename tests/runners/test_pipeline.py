@@ -15,7 +15,8 @@ from runners.store import Store
 from tests.runners import fakes
 from tests.runners.conftest import ROOT, compose_config, plugin
 
-WORLD_PIPELINE = ROOT / "world" / "weights" / "pipeline" / "model_index.json"
+WORLD_READY = all((ROOT / "world" / "weights" / part).exists()
+                  for part in ("pipeline/model_index.json", "clip_eval", "judges/colour.safetensors"))
 
 
 def _results(summary: dict) -> dict:
@@ -167,7 +168,7 @@ def test_incompatible_pair_is_refused_before_any_work(tiny_config):
     assert not Path(cfg["store"]["root"]).exists() or Store(cfg["store"]["root"]).count("image") == 0
 
 
-@pytest.mark.skipif(not WORLD_PIPELINE.is_file(), reason="the miniature world's weights are not trained yet")
+@pytest.mark.skipif(not WORLD_READY, reason="the miniature world's weights are not trained yet")
 def test_end_to_end_on_the_miniature_world(tmp_path: Path):
     """The world as shipped (model=mini, world judge and evaluator) with crt=none, cut to 4 prompts per set."""
     cfg = compose_config(["crt=none", "attack=none"])
