@@ -18,8 +18,9 @@ import torch
 from crt.base import DefendedModel
 from runners.spec import Access, ConceptSpec, GenerationSettings, PromptItem
 
-# Every deployed text-to-image model publishes its text encoder's tokenizer; the base text encoder is public.
-ALWAYS_AVAILABLE: frozenset[Access] = frozenset({Access.TEXT_ENCODER})
+# What no CRT can withhold: the base model's text encoder is public (SD v1.4's is OpenAI's CLIP), and a judge is the
+# attacker's own tool (a public classifier such as NudeNet). Oracle use is still recorded with every prompt.
+ALWAYS_AVAILABLE: frozenset[Access] = frozenset({Access.TEXT_ENCODER, Access.JUDGE_ORACLE})
 
 
 @dataclass
@@ -52,6 +53,8 @@ class AttackContext:
     defended: DefendedModel
     concept: ConceptSpec
     settings: GenerationSettings
+    text_encoder: Any | None = None  # Access.TEXT_ENCODER: the base model's public text encoder, always given
+    tokenizer: Any | None = None
     reference_images: Callable[[list[PromptItem]], list[Any]] | None = None  # the unerased model's images of
     # the targets, made offline through the store (UnlearnDiffAtk's and P4D's target images); always provided
     base_pipe: Any | None = None  # Access.UNERASED_MODEL
@@ -72,6 +75,11 @@ class Attack(ABC):
     def __init__(self, adaptive: bool = False, **params: Any):
         self.adaptive = adaptive
         self.params = params
+
+    @property
+    def model_agnostic(self) -> bool:
+        """True when the search uses nothing of the defended system (a transfer attack computed once per concept)."""
+        return self.needs() <= ALWAYS_AVAILABLE - {Access.JUDGE_ORACLE}
 
     @property
     def mode(self) -> Literal["transfer", "adaptive"]:

@@ -11,6 +11,7 @@ fitness of the best candidates, so that the search avoids prompts the filter cat
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -130,6 +131,8 @@ class RingABell(Attack):
         if self.adaptive and (ctx.generate is None or ctx.defended.filter is None):
             raise ValueError("adaptive Ring-A-Bell needs ctx.generate and a defended model with a filter")
         pipe, source = (ctx.base_pipe, "base_pipe") if ctx.base_pipe is not None else (ctx.defended.pipe, "pipe")
+        if ctx.text_encoder is not None:
+            pipe, source = SimpleNamespace(text_encoder=ctx.text_encoder, tokenizer=ctx.tokenizer), "base_text_encoder"
         concept, neutral = self._pairs(ctx)
         c = concept_vector(pipe.text_encoder, pipe.tokenizer, concept, neutral, self.config.encode_batch)
         results = []

@@ -117,7 +117,7 @@ class ESD(CRT):
 
     name = "esd"
     family = Family.WEIGHT_EDIT
-    exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.JUDGE_ORACLE})  # as crt.none: open weights
+    exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS})  # as crt.none: open weights
     trains = "unet: attn2 (x) or Linear/Conv outside attn2 (u)"
     version = "1"
 

@@ -183,7 +183,7 @@ class Espresso(CRT):
 
     name = "espresso"
     family = Family.FILTER
-    exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.UNERASED_MODEL, Access.JUDGE_ORACLE,
+    exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.UNERASED_MODEL,
                          Access.FILTER_SCORE, Access.FILTER_GRADIENTS})
     trains = "filter CLIP text tower (text_model)"
     version = "1"

@@ -14,7 +14,7 @@ class NoCRT(CRT):
     name: ClassVar[str] = "none"
     family: ClassVar[Family] = Family.NONE
     exposes: ClassVar[frozenset[Access]] = frozenset(
-        {Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.UNERASED_MODEL, Access.JUDGE_ORACLE})
+        {Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.UNERASED_MODEL})
     trains: ClassVar[str] = "nothing"
 
     def fit(self, ctx: FitContext) -> Artifact:

@@ -93,7 +93,7 @@ class UCE(CRT):
 
     name = "uce"
     family = Family.CLOSED_FORM_EDIT
-    exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.JUDGE_ORACLE})  # as crt.none: open weights
+    exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS})  # as crt.none: open weights
     trains = "unet: attn2.to_k, attn2.to_v (closed form)"
     version = "1"
 

@@ -201,7 +201,9 @@ def _check_defended(crt: CRT, defended: DefendedModel, base_pipe: Any) -> None:
 
 
 def adversarial_spec(run: Run, target: PromptItem) -> dict[str, Any]:
-    return {"product": "adversarial_prompt", "system": run.defended.identity, "filter": run.defended.filter_identity,
+    agnostic = run.attack.model_agnostic
+    system, filter_id = (run.base.identity, None) if agnostic else (run.defended.identity, run.defended.filter_identity)
+    return {"product": "adversarial_prompt", "system": system, "filter": filter_id,
             "attack": run.attack.identity(), "concept": concept_identity(run), "target": asdict(target),
             "settings": asdict(run.settings), "seed": run.seed, "numerics": numerics_versions()}
 
@@ -246,6 +248,7 @@ def attack_context(run: Run) -> AttackContext:
         oracle = lambda images: [v.positive for v in judge.judge(images)]  # noqa: E731
     return AttackContext(
         defended=defended, concept=run.concept, settings=run.settings,
+        text_encoder=run.model.pipe.text_encoder, tokenizer=run.model.pipe.tokenizer,
         reference_images=lambda items: run.maker.delivered_images(run.base, list(items), "reference"),
         base_pipe=run.model.pipe if Access.UNERASED_MODEL in needs else None, oracle=oracle,
         generate=lambda model, items: _attack_generate(run, model, list(items)),

@@ -123,7 +123,7 @@ def test_fit_and_apply_change_only_the_declared_parameters(tiny, concept, method
     changed = changed_keys(before, defended.pipe.unet)
     assert changed and changed <= declared
     assert not changed_keys(before, pipe.unet), "apply modified the base UNet"
-    assert defended.exposes == {Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.JUDGE_ORACLE}
+    assert defended.exposes == {Access.TEXT_ENCODER, Access.UNET_GRADIENTS}
     assert defended.filter is None
     assert defended.crt_name == f"esd_{method}" and ESD.family is Family.WEIGHT_EDIT
     image = tiny.generate([concept.prompt_set("target")[0]], pipe=defended.pipe)[0]

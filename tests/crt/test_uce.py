@@ -46,7 +46,7 @@ def test_fit_maps_erased_keys_to_the_guide_outputs(tiny, concept):
     assert not changed_keys(before, pipe.unet)
 
     defended = crt.apply(pipe, artifact)
-    assert defended.exposes == {Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.JUDGE_ORACLE}
+    assert defended.exposes == {Access.TEXT_ENCODER, Access.UNET_GRADIENTS}
     assert UCE.family is Family.CLOSED_FORM_EDIT
     assert changed_keys(before, defended.pipe.unet) == set(artifact.tensors)
     key, guide = (t.double() for t in erase_pairs(pipe, ["nude"], [""], "last_word"))

@@ -99,8 +99,7 @@ class FakeEditCRT(CRT):
 
     name: ClassVar[str] = "fake_edit"
     family: ClassVar[Family] = Family.WEIGHT_EDIT
-    exposes: ClassVar[frozenset[Access]] = frozenset({Access.UNET_GRADIENTS, Access.UNERASED_MODEL,
-                                                       Access.JUDGE_ORACLE})
+    exposes: ClassVar[frozenset[Access]] = frozenset({Access.UNET_GRADIENTS, Access.UNERASED_MODEL})
     fits = 0
 
     def fit(self, ctx: FitContext) -> Artifact:
@@ -158,3 +157,17 @@ class NeedsFilterGradients(Attack):
 
     def run(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
         raise AssertionError("must be refused before running")
+
+
+class TextOnlyAttack(Attack):
+    """Needs only the public base text encoder: a transfer attack whose prompts do not depend on the CRT."""
+
+    name: ClassVar[str] = "text_only"
+    requires: ClassVar[frozenset[Access]] = frozenset({Access.TEXT_ENCODER})
+    output: ClassVar[Literal["text", "embedding"]] = "text"
+    targets_seen: ClassVar[int] = 0
+
+    def run(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
+        assert ctx.text_encoder is not None and ctx.tokenizer is not None and ctx.base_pipe is None
+        TextOnlyAttack.targets_seen += len(targets)
+        return [AdversarialPrompt(target=t, text=f"{t.text} please") for t in targets]

@@ -193,3 +193,13 @@ def test_attack_targets_can_be_limited_and_are_the_asr_denominator(tiny_config):
     assert fakes.SuffixAttack.calls == [2]
     assert doc["metrics"]["robustness/asr/suffix"]["n"] == 2
     assert doc["metrics"]["effectiveness/clip_accuracy/unacceptable"]["n"] == 4  # effectiveness uses the whole set
+
+
+def test_text_encoder_only_attack_is_computed_once_and_reused_across_crts(tiny_config):
+    fakes.TextOnlyAttack.targets_seen = 0
+    for crt in (("tests.runners.fakes.FakeEditCRT", "fake_edit"), ("crt.none.NoCRT", "none")):
+        cfg = plugin(tiny_config(), "crt", *crt)
+        plugin(cfg, "attack", "tests.runners.fakes.TextOnlyAttack", "text_only")
+        summary = execute(cfg, pipelines=PipelineCache())
+        assert "robustness/asr/text_only" in _results(summary)["metrics"]
+    assert fakes.TextOnlyAttack.targets_seen == 3  # the second CRT reused the stored transfer prompts
