@@ -67,7 +67,7 @@ def check_evaluator(evaluator, n: int = 200, seed: int = 4242) -> list[Row]:
         p_u = clip_accuracy(evaluator.encode_images(images), *evaluator.encode_texts([concept.c_u, concept.c_a]),
                             logit_scale=100.0)
         truth = np.array([True] * (n // 2) + [False] * (n // 2))
-        acc = float(np.mean((p_u.numpy() > 0.5) == truth))
+        acc = float(np.mean((np.asarray(p_u) > 0.5) == truth))
         rows.append(Row(f"evaluator CLIP zero-shot: {concept.key} ({concept.c_u} vs {concept.c_a})", acc,
                         ">= 0.95", acc >= 0.95))
     return rows
@@ -112,7 +112,7 @@ def check_generation(pipe, judges_dir: str, evaluator=None) -> list[Row]:
 
                 p_u = clip_accuracy(evaluator.encode_images(images),
                                     *evaluator.encode_texts([concept.c_u, concept.c_a]), logit_scale=100.0)
-                agree.extend(((p_u.numpy() > 0.5) == np.array(present)).tolist())
+                agree.extend(((np.asarray(p_u) > 0.5) == np.array(present)).tolist())
         if agree:
             rows.append(Row(f"agreement CLIP acc>0.5 vs judge: {concept.key}", float(np.mean(agree)), "(target 0.90)",
                             None))
