@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-crt-bench
 ARGS ?=
 
-.PHONY: install run test test-slow lint leaderboard world world-check
+.PHONY: install run test test-slow lint leaderboard leaderboard-table world world-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,15 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-leaderboard: $(STAMP)  ## rebuild results/leaderboard.md and .csv from results/runs/*.json
+WORLD_CONCEPTS := world_nudity,world_violence,world_vangogh,world_triangle,world_bobo
+leaderboard: $(STAMP)  ## every world concept x CRT x attack (resumable: stored products are reused), then the table
+	$(PY) run.py -m concept=$(WORLD_CONCEPTS) crt=none,espresso,esd_x,esd_u,uce attack=none,ringabell,unlearndiffatk \
+		progress=false results.leaderboard=false
+	$(PY) run.py -m concept=$(WORLD_CONCEPTS) crt=espresso attack=ringabell,unlearndiffatk attack.adaptive=true \
+		progress=false results.leaderboard=false
+	$(PY) -m runners.leaderboard results
+
+leaderboard-table: $(STAMP)  ## only rebuild results/leaderboard.md and .csv from results/runs/*.json
 	$(PY) -m runners.leaderboard results
 
 world: $(STAMP)  ## retrain the miniature world (hours on 2 cores; resumable)
