@@ -219,7 +219,7 @@ def write_clip_processor(folder: Path, tokenizer) -> None:
     as it loads ``openai/clip-vit-large-patch14`` (32 px, pixels scaled to [-1, 1] as in training)."""
     from transformers import CLIPImageProcessor, CLIPProcessor
 
-    if (folder / "preprocessor_config.json").exists():
+    if (folder / "preprocessor_config.json").exists() or (folder / "processor_config.json").exists():
         return
     images = CLIPImageProcessor(size={"shortest_edge": models.IMAGE_SIZE}, crop_size={"height": models.IMAGE_SIZE,
                                 "width": models.IMAGE_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
