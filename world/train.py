@@ -5,7 +5,7 @@ latent pool -> UNet on the frozen CLIP text encoder's hidden states with conditi
 Each stage checkpoints to ``work_dir`` (safetensors + JSON, never pickle) and resumes where it stopped; a
 finished stage writes its product under ``out_dir`` and is skipped next time.
 
-    python -m world.train [--stage unet] [--unet-steps 14000]
+    python -m world.train [--stage unet] [--unet-steps 6000]
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ class TrainConfig:
     clip_steps: int = 1500
     clip_batch: int = 128
     eval_clip_steps: int = 1500
-    vae_steps: int = 2500
+    vae_steps: int = 1500
     vae_batch: int = 32
     pool_size: int = 60000
-    unet_steps: int = 14000
+    unet_steps: int = 6000
     unet_batch: int = 64
     unet_lr: float = 4e-4
     cond_dropout: float = 0.1
