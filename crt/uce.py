@@ -102,6 +102,8 @@ class UCE(CRT):
         self.config = UCEConfig(**params)
         if self.config.tokens not in ("last_word", "all"):
             raise ValueError(f"UCE tokens must be 'last_word' or 'all', got {self.config.tokens!r}")
+        # two official key choices, two names in results: new code (last word token) and old code (to the end)
+        self.name = "uce" if self.config.tokens == "last_word" else "uce_eot"
 
     def fit(self, ctx: FitContext) -> Artifact:
         cfg, pipe = self.config, ctx.pipe

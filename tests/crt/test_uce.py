@@ -73,3 +73,7 @@ def test_preserved_prompts_keep_their_outputs(world, concept):
         assert drift_kept < drift_plain
     assert kept.meta["preserve_tokens"] == 3 and UCE(tokens="all", preserve=preserve).fit(ctx).meta[
         "preserve_tokens"] == 3 * 77
+
+
+def test_each_token_choice_has_its_own_name():
+    assert UCE().name == "uce" and UCE(tokens="all").name == "uce_eot"
