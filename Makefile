@@ -31,7 +31,7 @@ lint: $(STAMP)
 
 WORLD_CONCEPTS := world_nudity,world_violence,world_vangogh,world_triangle,world_bobo
 leaderboard: $(STAMP)  ## every world concept x CRT x attack (resumable: stored products are reused), then the table
-	$(PY) run.py -m concept=$(WORLD_CONCEPTS) crt=none,espresso,esd_x,esd_u,uce attack=none,ringabell,unlearndiffatk \
+	$(PY) run.py -m concept=$(WORLD_CONCEPTS) crt=none,espresso,esd_x,esd_u,uce,uce_eot attack=none,ringabell,unlearndiffatk \
 		progress=false results.leaderboard=false
 	$(PY) run.py -m concept=$(WORLD_CONCEPTS) crt=espresso attack=ringabell,unlearndiffatk attack.adaptive=true \
 		progress=false results.leaderboard=false
