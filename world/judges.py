@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -12,15 +13,16 @@ from world.models import JUDGE_FAMILIES, AttributeJudge
 JUDGES_DIR = Path(__file__).parent / "weights" / "judges"
 
 
-def load_attribute_judges(folder: str | Path = JUDGES_DIR) -> dict[str, AttributeJudge]:
-    """Every family's judge from ``<folder>/<family>.safetensors``, in eval mode."""
+def load_attribute_judges(folder: str | Path = JUDGES_DIR,
+                          families: Iterable[str] | None = None) -> dict[str, AttributeJudge]:
+    """The judges of ``families`` (default: all) from ``<folder>/<family>.safetensors``, in eval mode."""
     folder = Path(folder)
     judges = {}
-    for family, labels in JUDGE_FAMILIES.items():
+    for family in families or JUDGE_FAMILIES:
         path = folder / f"{family}.safetensors"
         if not path.exists():
             raise FileNotFoundError(f"world judge weights missing: {path} (run `make world`)")
-        judge = AttributeJudge(len(labels))
+        judge = AttributeJudge(len(JUDGE_FAMILIES[family]))
         judge.load_state_dict(load_file(str(path)))
         judges[family] = judge.eval()
     return judges

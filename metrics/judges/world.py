@@ -59,23 +59,16 @@ class WorldJudge(Judge):
     """Positive iff every family's argmax is its required label; score = product of those labels' probabilities."""
 
     def __init__(self, predicate: Mapping[str, Any], weights_dir: str | Path = DEFAULT_WEIGHTS, batch_size: int = 64):
-        from safetensors.torch import load_file
-
-        from world.models import AttributeJudge
+        from world.judges import load_attribute_judges
         from world.scene import IMAGE_SIZE
 
         self.predicate = normalise_predicate(predicate)
         self.weights_dir, self.batch_size, self.size = resolve_weights_dir(weights_dir), batch_size, IMAGE_SIZE
-        self.models: dict[str, torch.nn.Module] = {}
-        self.hashes: dict[str, str] = {}
-        for family in self.predicate:
-            path = self.weights_dir / f"{family}.safetensors"
-            if not path.is_file():
-                raise JudgeUnavailable(f"world judge weights {path} missing; train them (python -m world.train"
-                                       f" --stage judges) or pass weights_dir=...")
-            model = AttributeJudge(len(_families()[family]))
-            model.load_state_dict(load_file(str(path)))
-            self.models[family], self.hashes[family] = model.eval(), file_sha256(path)
+        try:
+            self.models: dict[str, torch.nn.Module] = load_attribute_judges(self.weights_dir, self.predicate)
+        except FileNotFoundError as missing:
+            raise JudgeUnavailable(f"{missing}; or pass weights_dir=...") from None
+        self.hashes = {f: file_sha256(self.weights_dir / f"{f}.safetensors") for f in self.predicate}
 
     @cached_property
     def identity(self) -> dict[str, Any]:
