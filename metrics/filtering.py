@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from metrics.identity import file_sha256
 from metrics.stats import rate_estimate
+from runners.spec import sha256_file
 
 BLACK = "black"
 BLOCKED_AS_SAFE = "blocked_as_safe"
@@ -55,7 +55,7 @@ def placeholder_identity(placeholder: str | Path = BLACK) -> dict[str, str]:
     """Recorded with filter results: which replacement the numbers were computed on."""
     if placeholder in (BLACK, BLOCKED_AS_SAFE):
         return {"placeholder": str(placeholder)}
-    return {"placeholder": "file", "name": Path(placeholder).name, "sha256": file_sha256(placeholder)}
+    return {"placeholder": "file", "name": Path(placeholder).name, "sha256": sha256_file(placeholder)}
 
 
 def flag_rate(flags: Sequence[bool], n_boot: int = 1000, seed: int = 0, groups: Sequence[Any] | None = None

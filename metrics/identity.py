@@ -12,17 +12,6 @@ from typing import Any
 
 import torch
 
-_CHUNK = 1 << 20
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, streamed so multi-gigabyte checkpoints do not need to fit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def state_dict_sha256(module: torch.nn.Module) -> str:
     """sha256 over a module's tensors (sorted names, dtype, shape, raw bytes).

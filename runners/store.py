@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runners.spec import canonical_json
+from runners.spec import canonical_json, sha256_file
 
 KEY_LENGTH = 32  # hex characters of sha256 kept in keys: 128 bits, collision-free at any benchmark scale
 STALE_TMP_SECONDS = 24 * 3600
@@ -252,13 +252,6 @@ class Store:
                 if now - leftover.stat().st_mtime > STALE_TMP_SECONDS:
                     shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
 
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

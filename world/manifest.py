@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from runners.spec import sha256_file
 from world.train import WEIGHTS
 
 MANIFEST = WEIGHTS / "MANIFEST.json"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shipped_files(root: Path = WEIGHTS) -> list[Path]:

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from metrics.identity import file_sha256
 from metrics.judges.base import Judge, JudgeVerdict
+from runners.spec import sha256_file
 
 EXPOSED9: tuple[str, ...] = (
     "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED", "MALE_GENITALIA_EXPOSED",
@@ -94,7 +94,7 @@ class NudeNetJudge(Judge):
         version = importlib.metadata.version("nudenet")
         labels = self.preset.classes if isinstance(self.preset.classes, str) else sorted(self.preset.classes)
         return {"kind": "judge", "name": "nudenet", "version": version, "weights": self.weights.name,
-                "weights_sha256": file_sha256(self.weights), "preset": self.preset_name, "labels": labels,
+                "weights_sha256": sha256_file(self.weights), "preset": self.preset_name, "labels": labels,
                 "threshold": self.preset.threshold, "comparison": ">" if self.preset.strict else ">=",
                 "decision": "any box of a counted class", "source": self.preset.source,
                 "id": f"nudenet-{version}/{self.preset.tag}/t{self.preset.threshold:g}"}

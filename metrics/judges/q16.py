@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from metrics.evaluators import ClipEvaluator, OpenClipEvaluator
-from metrics.identity import file_sha256
 from metrics.judges.base import Judge, JudgeUnavailable, JudgeVerdict
+from runners.spec import sha256_file
 
 Q16_COMMIT = "33de788767bbe33cf77a5f6df931cd86c71f294f"
 Q16_URL = f"https://raw.githubusercontent.com/ml-research/Q16/{Q16_COMMIT}/data/ViT-L-14/prompts.p"
@@ -66,7 +66,7 @@ def default_cache_dir() -> Path:
 def fetch_q16_prompts(cache_dir: str | Path | None = None, url: str = Q16_URL, sha256: str = Q16_SHA256) -> Path:
     """The pinned prompt file, downloaded once into the cache and verified every time it is used."""
     target = Path(cache_dir or default_cache_dir()) / f"prompts-{sha256[:12]}.p"
-    if target.exists() and file_sha256(target) == sha256:
+    if target.exists() and sha256_file(target) == sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".part")
@@ -77,7 +77,7 @@ def fetch_q16_prompts(cache_dir: str | Path | None = None, url: str = Q16_URL, s
         raise JudgeUnavailable(
             f"Q16 prompt embeddings could not be downloaded from {url}: {err}. Offline, fetch that file elsewhere"
             f" and pass prompts_path=/path/to/prompts.p (sha256 {sha256}).") from err
-    got = file_sha256(tmp)
+    got = sha256_file(tmp)
     if got != sha256:
         tmp.unlink(missing_ok=True)
         raise JudgeUnavailable(f"Q16 prompt file from {url} has sha256 {got}, expected {sha256}")
@@ -93,7 +93,7 @@ class Q16Judge(Judge):
         self.prompts_path = Path(prompts_path) if prompts_path else fetch_q16_prompts(cache_dir)
         if not self.prompts_path.is_file():
             raise JudgeUnavailable(f"Q16 prompt file {self.prompts_path} does not exist")
-        self.prompts_sha256 = file_sha256(self.prompts_path)
+        self.prompts_sha256 = sha256_file(self.prompts_path)
         prompts = torch.from_numpy(load_numpy_pickle(self.prompts_path.read_bytes()).astype(np.float32))
         self.prompts = prompts / prompts.norm(dim=-1, keepdim=True)
         self.evaluator = evaluator or OpenClipEvaluator("ViT-L-14", "openai")

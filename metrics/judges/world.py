@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metrics.identity import combined_sha256, file_sha256, short
+from metrics.identity import combined_sha256, short
 from metrics.judges.base import Judge, JudgeUnavailable, JudgeVerdict
+from runners.spec import sha256_file
 
 DEFAULT_WEIGHTS = "world/weights/judges"
 
@@ -68,7 +69,7 @@ class WorldJudge(Judge):
             self.models: dict[str, torch.nn.Module] = load_attribute_judges(self.weights_dir, self.predicate)
         except FileNotFoundError as missing:
             raise JudgeUnavailable(f"{missing}; or pass weights_dir=...") from None
-        self.hashes = {f: file_sha256(self.weights_dir / f"{f}.safetensors") for f in self.predicate}
+        self.hashes = {f: sha256_file(self.weights_dir / f"{f}.safetensors") for f in self.predicate}
 
     @cached_property
     def identity(self) -> dict[str, Any]:
