@@ -30,31 +30,36 @@ def import_handler(path: str, what: str) -> Any:
         raise HarnessError(f"{what}: handler {path!r} cannot be imported ({error})") from None
 
 
-def _params(cfg: dict[str, Any], model: str | None = None) -> dict[str, Any]:
+def _params(cfg: dict[str, Any], model: str | None = None, concept: dict[str, Any] | None = None) -> dict[str, Any]:
     """``params``, updated by the block named after the model when there is one (e.g. ``mini:`` scales a CRT's
-    iterations to the miniature world); the merged values are what the plug-in's identity records."""
+    iterations to the miniature world), then by the concept's ``plugin_params`` entry named after the plug-in (a
+    paper's per-concept protocol, e.g. UnlearnDiffAtk's k = 3 for objects, the text ESD erases for nudity); the
+    merged values are what the plug-in's identity records."""
     params = dict(cfg.get("params") or {})
-    per_model = cfg.get(model) if model else None
-    if isinstance(per_model, dict):
-        unknown = set(per_model) - set(params)
-        if unknown:
-            raise HarnessError(f"{cfg.get('name')!r}: the {model!r} block sets unknown params {sorted(unknown)}")
-        params.update(per_model)
+    name = cfg.get("name")
+    per_concept = ((concept or {}).get("plugin_params") or {}).get(name) if name else None
+    for block, label in ((cfg.get(model) if model else None, f"the {model!r} block"),
+                         (per_concept, f"concept {(concept or {}).get('key')!r}")):
+        if isinstance(block, dict):
+            unknown = set(block) - set(params)
+            if unknown:
+                raise HarnessError(f"{name!r}: {label} sets unknown params {sorted(unknown)}")
+            params.update(block)
     return params
 
 
-def build_crt(cfg: dict[str, Any], model: str | None = None) -> CRT:
+def build_crt(cfg: dict[str, Any], model: str | None = None, concept: dict[str, Any] | None = None) -> CRT:
     cls = import_handler(cfg["handler"], f"crt {cfg.get('name')!r}")
     if not (isinstance(cls, type) and issubclass(cls, CRT)):
         raise HarnessError(f"crt handler {cfg['handler']!r} is not a crt.base.CRT subclass")
-    return cls(**_params(cfg, model))
+    return cls(**_params(cfg, model, concept))
 
 
-def build_attack(cfg: dict[str, Any], model: str | None = None) -> Attack:
+def build_attack(cfg: dict[str, Any], model: str | None = None, concept: dict[str, Any] | None = None) -> Attack:
     cls = import_handler(cfg["handler"], f"attack {cfg.get('name')!r}")
     if not (isinstance(cls, type) and issubclass(cls, Attack)):
         raise HarnessError(f"attack handler {cfg['handler']!r} is not an attacks.base.Attack subclass")
-    return cls(adaptive=bool(cfg.get("adaptive", False)), **_params(cfg, model))
+    return cls(adaptive=bool(cfg.get("adaptive", False)), **_params(cfg, model, concept))
 
 
 def build_judge(cfg: dict[str, Any]) -> Any:

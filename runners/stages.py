@@ -89,8 +89,8 @@ def generation_settings(cfg: dict[str, Any]) -> GenerationSettings:
 def prepare(cfg: dict[str, Any], root: Path, pipelines: PipelineCache | None = None) -> Run:
     """Build the plug-ins, refuse an incompatible CRT x attack pair, and locate the model; all in seconds."""
     model_name = cfg["model"].get("name")
-    crt = registry.build_crt(cfg["crt"], model_name)
-    attack = registry.build_attack(cfg["attack"], model_name)
+    crt = registry.build_crt(cfg["crt"], model_name, cfg.get("concept"))
+    attack = registry.build_attack(cfg["attack"], model_name, cfg.get("concept"))
     check_compatible(attack, DefendedModel(pipe=None, crt_name=crt.name, exposes=frozenset(crt.exposes)))
     store = Store(_resolve(root, cfg["store"]["root"]))
     settings = generation_settings(cfg)

@@ -92,3 +92,17 @@ def test_per_model_block_cannot_invent_params():
     cfg = {"name": "none", "handler": "crt.none.NoCRT", "params": {}, "mini": {"typo": 1}}
     with pytest.raises(HarnessError, match="unknown params"):
         build_crt(cfg, "mini")
+
+
+def test_concept_plugin_params_override_model_block_and_cannot_invent_params():
+    from runners.models import HarnessError
+    from runners.registry import build_attack
+
+    cfg = {"name": "unlearndiffatk", "handler": "attacks.unlearndiffatk.UnlearnDiffAtk",
+           "params": {"k": 5, "t_step": 20}, "mini": {"t_step": 100, "k": 4}}
+    concept = {"key": "vangogh", "plugin_params": {"unlearndiffatk": {"k": 3}, "esd_x": {"concept": "x"}}}
+    attack = build_attack(cfg, "mini", concept)
+    assert attack.params == {"k": 3, "t_step": 100}
+    assert build_attack(cfg, "mini", {"key": "other"}).params == {"k": 4, "t_step": 100}
+    with pytest.raises(HarnessError, match="unknown params"):
+        build_attack(cfg, "mini", {"key": "bad", "plugin_params": {"unlearndiffatk": {"typo": 1}}})
