@@ -1,5 +1,12 @@
 """ESD (Gandikota et al., ICCV 2023): fine-tune the UNet so that the concept's conditional noise prediction points
-away from the concept, ``eps_0(x_t, 0) - eta * (eps_0(x_t, c) - eps_0(x_t, 0))``.
+away from the concept by negative guidance on the frozen model. With ``delta = eps_0(x_t, c) - eps_0(x_t, '')`` the
+two official versions write the target differently (crts.md §2), ``target`` picks one:
+
+- ``new`` (diffusers code, default): ``eps_0(x_t, c) - eta * delta`` with eta = 2;
+- ``old`` (CompVis code, the paper): ``eps_0(x_t, '') - eta * delta`` with eta = 1.
+
+Both push by ``1 * delta`` away from the unconditional prediction; ``eta`` null takes the version's own value, so
+the new code's 2 is never combined with the old code's first term (a 2x push).
 
 One module, two variants chosen by ``method``: ``x`` trains every parameter of the cross-attention layers
 (``attn2``), ``u`` every Linear/Conv module outside them (the new official code's ``esd-u``; norms are not trained).
@@ -24,6 +31,9 @@ from crt.base import CRT, Artifact, DefendedModel, FitContext, edited_copy, repl
 from runners.spec import Access, Family
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# per official version: the first term of the target, and the eta that version uses with it
+TARGET_FIRST_TERM = {"new": "eps_0(x_t, c, t)", "old": "eps_0(x_t, '', t)"}
+DEFAULT_ETA = {"new": 2.0, "old": 1.0}
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,8 @@ class ESDConfig:
     concept: str | None = None  # text to erase; None = the concept's c_u
     iterations: int = 200
     lr: float = 5e-5
-    eta: float = 2.0  # negative guidance
+    target: Literal["new", "old"] = "new"  # whose target formula; see the module docstring
+    eta: float | None = None  # negative guidance; None = the target version's own (new 2, old 1)
     start_guidance: float = 3.0
     ddim_steps: int = 50
     batch_size: int = 1
@@ -43,6 +54,20 @@ class ESDConfig:
     mixed_precision: str | None = None  # None | "bf16" | "fp16" (autocast on the trained copy)
     gradient_checkpointing: bool = False
     log_every: int = 10
+
+
+def resolve_eta(target: str, eta: float | None) -> float:
+    """``eta`` as given, or the one the ``target`` version uses."""
+    if target not in DEFAULT_ETA:
+        raise ValueError(f"ESD target must be 'new' or 'old', got {target!r}")
+    return DEFAULT_ETA[target] if eta is None else float(eta)
+
+
+def target_formula(target: str, eta: float) -> dict[str, Any]:
+    """The target as text plus its effective push along ``delta`` (1 for both official settings); for the meta."""
+    push = eta - 1.0 if target == "new" else eta
+    return {"target": target, "eta": eta, "push": push,
+            "formula": f"{TARGET_FIRST_TERM[target]} - {eta:g} * (eps_0(x_t, c, t) - eps_0(x_t, '', t))"}
 
 
 def trainable_names(unet: nn.Module, method: str) -> list[str]:
@@ -90,11 +115,16 @@ def partial_ddim(unet: nn.Module, scheduler: Any, latents: torch.Tensor, k: int,
 
 @torch.no_grad()
 def esd_target(frozen: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-               eta: float) -> torch.Tensor:
-    """``eps_0(x_t, 0, t) - eta * (eps_0(x_t, c, t) - eps_0(x_t, 0, t))`` from the frozen base UNet."""
+               eta: float, target: str = "new") -> torch.Tensor:
+    """The frozen base UNet's target: ``first - eta * (eps_0(c) - eps_0(''))``, ``first`` = ``eps_0(c)`` (new code)
+    or ``eps_0('')`` (old code)."""
     both = _eps(frozen, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
     eps_u, eps_c = both.chunk(2)
-    return eps_u - eta * (eps_c - eps_u)
+    if target == "new":
+        return eps_c - eta * (eps_c - eps_u)
+    if target == "old":
+        return eps_u - eta * (eps_c - eps_u)
+    raise ValueError(f"ESD target must be 'new' or 'old', got {target!r}")
 
 
 @dataclass
@@ -107,9 +137,10 @@ class ESDBatch:
     uncond: torch.Tensor
 
 
-def esd_loss(unet: nn.Module, frozen: nn.Module, batch: ESDBatch, eta: float) -> torch.Tensor:
-    target = esd_target(frozen, batch.x_t, batch.t, batch.cond, batch.uncond, eta)
-    return F.mse_loss(_eps(unet, batch.x_t, batch.t, batch.cond), target)
+def esd_loss(unet: nn.Module, frozen: nn.Module, batch: ESDBatch, eta: float, target: str = "new") -> torch.Tensor:
+    """MSE between the trained UNet's conditional prediction and the frozen target."""
+    goal = esd_target(frozen, batch.x_t, batch.t, batch.cond, batch.uncond, eta, target)
+    return F.mse_loss(_eps(unet, batch.x_t, batch.t, batch.cond), goal)
 
 
 class ESD(CRT):
@@ -119,13 +150,14 @@ class ESD(CRT):
     family = Family.WEIGHT_EDIT
     exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS})  # as crt.none: open weights
     trains = "unet: attn2 (x) or Linear/Conv outside attn2 (u)"
-    version = "1"
+    version = "2"  # 2: the target follows one official version (1 pushed by 1.5 delta: old first term, new eta)
 
     def __init__(self, **params: Any):
         super().__init__(**params)
         self.config = ESDConfig(**params)
         if self.config.method not in ("x", "u"):
             raise ValueError(f"ESD method must be 'x' or 'u', got {self.config.method!r}")
+        self.eta = resolve_eta(self.config.target, self.config.eta)
         self.name = f"esd_{self.config.method}"  # two variants, two names in results and leaderboards
 
     def fit(self, ctx: FitContext) -> Artifact:
@@ -143,7 +175,7 @@ class ESD(CRT):
         history: list[float] = []
         for step, batch in zip(range(cfg.iterations), self._batches(ctx, cond, uncond, gen)):
             with _autocast(device, cfg.mixed_precision):
-                loss = esd_loss(unet, frozen, batch, cfg.eta)
+                loss = esd_loss(unet, frozen, batch, self.eta, cfg.target)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -154,6 +186,7 @@ class ESD(CRT):
         tensors = {n: p.detach().float().cpu().clone() for n, p in unet.named_parameters() if n in names}
         meta = {"config": asdict(cfg), "concept_text": text, "trained_parameters": len(tensors),
                 "trained_numel": sum(t.numel() for t in tensors.values()), "loss": _summarise(history, cfg.log_every),
+                "target": target_formula(cfg.target, self.eta),
                 "sampling": "partial DDIM with the frozen base UNet (new official code)"}
         return Artifact(tensors=tensors, meta=meta)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from crt.base import FitContext
-from crt.esd import ESD, ESDBatch, ddpm_bin, esd_loss, partial_ddim, trainable_names
+from crt.esd import ESD, ESDBatch, ddpm_bin, esd_loss, esd_target, partial_ddim, target_formula, trainable_names
 from runners.spec import Access, Family
 from tests.crt.conftest import changed_keys, state_snapshot
 
@@ -61,6 +61,52 @@ def test_x_t_after_k_ddim_steps_has_the_noise_level_of_its_ddpm_bin(steps):
         assert float(coef[0]) ** 2 + float(coef[1]) ** 2 == pytest.approx(1.0, abs=1e-4)
         lo, hi = ddpm_bin(scheduler, k)
         assert float(abar[hi - 1]) - 1e-5 <= implied_abar <= float(abar[lo]) + 1e-5, (k, implied_abar)
+
+
+class AffineTextUNet(nn.Module):
+    """``eps_0(x, c) = a(c) x + b(c)``, with a, b read from the text condition, so the test knows every eps_0."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, sample, t, encoder_hidden_states):
+        a, b = (encoder_hidden_states[:, 0, i].view(-1, 1, 1, 1) for i in (0, 1))
+        return SimpleNamespace(sample=a * sample + b)
+
+
+def _text(a: float, b: float) -> torch.Tensor:
+    text = torch.zeros(1, 77, 8)
+    text[0, 0, :2] = torch.tensor([a, b])
+    return text
+
+
+def test_target_hand_values_push_by_one_delta_in_both_official_versions():
+    # x = 2: eps_0(c) = 3 * 2 + 0.5 = 6.5, eps_0('') = 1 * 2 - 0.5 = 1.5, delta = 5
+    x_t, t = torch.full((1, 4, 2, 2), 2.0), torch.tensor([500])
+    cond, uncond = _text(3.0, 0.5), _text(1.0, -0.5)
+    unet = AffineTextUNet()
+    new = esd_target(unet, x_t, t, cond, uncond, eta=2.0)  # default: the new code, 6.5 - 2 * 5
+    torch.testing.assert_close(new, torch.full_like(x_t, -3.5))  # not 1.5 - 2 * 5, a push of 2 delta
+    old = esd_target(unet, x_t, t, cond, uncond, eta=1.0, target="old")  # the old code, 1.5 - 1 * 5
+    torch.testing.assert_close(old, torch.full_like(x_t, -3.5))
+    # each version's own eta is the default; an explicit eta is kept as given
+    assert ESD(method="x").eta == 2.0 and ESD(method="u", target="old").eta == 1.0
+    assert ESD(method="x", target="old", eta=3.0).eta == 3.0
+    assert target_formula("new", 2.0)["push"] == target_formula("old", 1.0)["push"] == 1.0
+    with pytest.raises(ValueError):
+        ESD(method="x", target="paper")
+
+
+@pytest.mark.parametrize("name", ["esd_x", "esd_u"])
+def test_yaml_defaults_are_the_new_official_target(name):
+    import yaml
+
+    from tests.crt.conftest import ROOT
+
+    params = yaml.safe_load((ROOT / "conf" / "crt" / f"{name}.yaml").read_text())["params"]
+    crt = ESD(**params)
+    assert (crt.config.target, crt.eta) == ("new", 2.0)
 
 
 def test_trainable_names_follow_the_variant_definitions(world):
@@ -116,6 +162,8 @@ def test_fit_and_apply_change_only_the_declared_parameters(tiny, concept, method
     assert set(artifact.tensors) == declared
     assert not changed_keys(before, pipe.unet), "fit modified the base UNet"
     assert artifact.meta["loss"]["steps"] == 2 and artifact.meta["concept_text"] == "nude"
+    assert artifact.meta["target"] == {"target": "new", "eta": 2.0, "push": 1.0,
+                                       "formula": "eps_0(x_t, c, t) - 2 * (eps_0(x_t, c, t) - eps_0(x_t, '', t))"}
 
     defended = crt.apply(pipe, artifact)
     assert defended.pipe is not pipe and defended.pipe.unet is not pipe.unet
