@@ -150,7 +150,7 @@ class ESD(CRT):
     family = Family.WEIGHT_EDIT
     exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS})  # as crt.none: open weights
     trains = "unet: attn2 (x) or Linear/Conv outside attn2 (u)"
-    version = "2"  # 2: the target follows one official version (1 pushed by 1.5 delta: old first term, new eta)
+    version = "2"  # 2: the target follows one official version (1 mixed the old first term with the new eta: 2 delta)
 
     def __init__(self, **params: Any):
         super().__init__(**params)

@@ -4,6 +4,10 @@ For each ``attn2.to_k`` / ``attn2.to_v`` weight ``W`` (text width -> d) the edit
 ``min_W' lambda ||W' - W||^2 + s_e sum_i ||W' c_i - W c_i^guide||^2 + s_p sum_j ||W' c_j - W c_j||^2``:
 erased concept tokens ``c_i`` are sent where the guide's tokens go, preserved tokens keep their outputs
 (crts.md §4). No gradient steps; fitting takes seconds on SD v1.4.
+
+The old official code (``uce_eot``) always adds the empty prompt to the preserved prompts (all 77 tokens with its
+keys) at ``s_p = max(0.1, 1 / #preserved)``: ``preserve_empty`` and ``preserve_scale`` null. Its guide ' ' for
+"towards uncond" tokenizes as '' with CLIP's tokenizer, so ``guide`` '' covers it.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ class UCEConfig:
     erase: list[str] | None = None  # None = [the concept's c_u]
     guide: str | list[str] = ""  # one guide for all erased concepts, or one per concept
     preserve: list[str] = field(default_factory=list)
+    preserve_empty: bool = False  # also preserve '' (old code, always); its tokens follow ``tokens``
     lamb: float = 0.5  # lambda, the weight of staying close to W
     erase_scale: float = 1.0
-    preserve_scale: float = 1.0
+    preserve_scale: float | None = 1.0  # None = the old code's max(0.1, 1 / number of preserved prompts)
     tokens: Literal["last_word", "all"] = "last_word"
     solve_dtype: str = "float64"
 
@@ -44,6 +49,14 @@ def uce_closed_form(weight: torch.Tensor, erase_keys: torch.Tensor, erase_values
     lhs = lhs + preserve_scale * (weight @ preserve_keys.T) @ preserve_keys
     gram = lamb * eye + erase_scale * erase_keys.T @ erase_keys + preserve_scale * preserve_keys.T @ preserve_keys
     return torch.linalg.solve(gram, lhs.T).T
+
+
+def preserved_prompts(cfg: UCEConfig) -> tuple[list[str], float]:
+    """The preserved prompts (``''`` first when ``preserve_empty``, as the old code) and their scale."""
+    texts = ([""] if cfg.preserve_empty else []) + list(cfg.preserve)
+    if cfg.preserve_scale is not None:
+        return texts, float(cfg.preserve_scale)
+    return texts, max(0.1, 1 / max(len(texts), 1))
 
 
 def kv_projections(unet: nn.Module) -> dict[str, nn.Linear]:
@@ -95,7 +108,7 @@ class UCE(CRT):
     family = Family.CLOSED_FORM_EDIT
     exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS})  # as crt.none: open weights
     trains = "unet: attn2.to_k, attn2.to_v (closed form)"
-    version = "1"
+    version = "2"  # 2: uce_eot preserves '' as the old code does
 
     def __init__(self, **params: Any):
         super().__init__(**params)
@@ -113,19 +126,21 @@ class UCE(CRT):
             raise ValueError(f"UCE needs one guide or one per erased concept; got {len(guides)} for {len(concepts)}")
         dtype = getattr(torch, cfg.solve_dtype)
         keys, guide_states = (t.to(dtype) for t in erase_pairs(pipe, concepts, guides, cfg.tokens))
-        kept = preserve_keys(pipe, list(cfg.preserve), cfg.tokens, keys.shape[1]).to(dtype)
+        preserve, preserve_scale = preserved_prompts(cfg)
+        kept = preserve_keys(pipe, preserve, cfg.tokens, keys.shape[1]).to(dtype)
         tensors, residual = {}, {"before": 0.0, "after": 0.0}
         for name, module in kv_projections(pipe.unet).items():
             weight = module.weight.detach().to(dtype)
             erase_keys = keys.to(weight.device)
             values = guide_states.to(weight.device) @ weight.T
             new = uce_closed_form(weight, erase_keys, values, kept.to(weight.device), cfg.lamb, cfg.erase_scale,
-                                  cfg.preserve_scale)
+                                  preserve_scale)
             tensors[f"{name}.weight"] = new.float().cpu()
             residual["before"] += float((erase_keys @ weight.T - values).norm())
             residual["after"] += float((erase_keys @ new.T - values).norm())
         meta = {"config": asdict(cfg), "erase": concepts, "guides": guides, "erase_tokens": int(keys.shape[0]),
-                "preserve_tokens": int(kept.shape[0]), "edited_matrices": len(tensors),
+                "preserve": preserve, "preserve_scale": preserve_scale, "preserve_tokens": int(kept.shape[0]),
+                "edited_matrices": len(tensors),
                 "erase_residual_sum": residual}
         return Artifact(tensors=tensors, meta=meta)
 

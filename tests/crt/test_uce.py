@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from crt.base import FitContext
-from crt.uce import UCE, erase_pairs, kv_projections, token_states, uce_closed_form
+from crt.uce import UCE, UCEConfig, erase_pairs, kv_projections, preserved_prompts, token_states, uce_closed_form
 from runners.spec import Access, Family
 from tests.crt.conftest import changed_keys, state_snapshot
 
@@ -77,3 +79,62 @@ def test_preserved_prompts_keep_their_outputs(world, concept):
 
 def test_each_token_choice_has_its_own_name():
     assert UCE().name == "uce" and UCE(tokens="all").name == "uce_eot"
+
+
+def _yaml_params(name: str) -> dict:
+    """A UCE YAML's params, merged over its ``defaults`` (uce_eot extends uce) as Hydra composes them."""
+    import yaml
+
+    from tests.crt.conftest import ROOT
+
+    cfg = yaml.safe_load((ROOT / "conf" / "crt" / f"{name}.yaml").read_text())
+    params = {}
+    for parent in cfg.get("defaults") or []:
+        if parent != "_self_":
+            params.update(_yaml_params(parent))
+    return params | cfg["params"]
+
+
+@torch.no_grad()
+def _states(pipe, text: str) -> torch.Tensor:
+    ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids)[0][0].double()
+
+
+@pytest.mark.parametrize("preserve", [[], ["circle", "square"]])
+def test_uce_eot_is_the_old_code_least_squares_with_the_empty_prompt_preserved(world, concept, preserve):
+    """Independent of crt.uce's token helpers: 'nude' is token 1, '' ends at 0, so the old code pairs nude[1:77] with
+    ''[0:76]; it preserves '' and the list over all 77 tokens at max(0.1, 1 / (1 + len(list)))."""
+    params = _yaml_params("uce_eot") | {"preserve": preserve}
+    ctx = FitContext(pipe=world.pipe, concept=concept, settings=world.settings, generate=world.generate)
+    artifact = UCE(**params).fit(ctx)
+    assert concept.c_u == "nude" and world.pipe.tokenizer("nude").input_ids[1:-1] == [
+        world.pipe.tokenizer.convert_tokens_to_ids("nude</w>")]
+    c_e, c_g = _states(world.pipe, "nude")[1:77], _states(world.pipe, "")[0:76]
+    c_p = torch.cat([_states(world.pipe, text) for text in ["", *preserve]])
+    lamb, s_e, s_p = 0.5, 1.0, max(0.1, 1 / (1 + len(preserve)))
+    assert artifact.meta["preserve"] == ["", *preserve] and artifact.meta["preserve_scale"] == pytest.approx(s_p)
+    eye = torch.eye(c_e.shape[1], dtype=torch.float64)
+    drift = {True: [], False: []}
+    for name, layer in kv_projections(world.pipe.unet).items():
+        w = layer.weight.detach().double()
+        x = torch.cat([lamb ** 0.5 * eye, s_e ** 0.5 * c_e, s_p ** 0.5 * c_p])
+        y = torch.cat([lamb ** 0.5 * w.T, s_e ** 0.5 * c_g @ w.T, s_p ** 0.5 * c_p @ w.T])
+        direct = torch.linalg.lstsq(x, y).solution.T
+        edited = artifact.tensors[f"{name}.weight"].double()
+        torch.testing.assert_close(edited, direct, rtol=1e-4, atol=1e-5 * float(w.abs().max()))
+        # the K/V of '' (the unconditional branch) barely move with the preservation, and more without it
+        kv_empty = c_p[:77] @ w.T
+        unpreserved = uce_closed_form(w, c_e, c_g @ w.T, c_p[77:], lamb, s_e, s_p)
+        drift[True].append(float((c_p[:77] @ edited.T - kv_empty).norm() / kv_empty.norm()))
+        drift[False].append(float((c_p[:77] @ unpreserved.T - kv_empty).norm() / kv_empty.norm()))
+    assert sum(drift[True]) < 0.5 * sum(drift[False]), drift
+
+
+def test_preserve_defaults_per_yaml():
+    new, old = UCEConfig(**_yaml_params("uce")), UCEConfig(**_yaml_params("uce_eot"))
+    assert preserved_prompts(new) == ([], 1.0)
+    assert old.tokens == "all" and preserved_prompts(old) == ([""], 1.0)
+    assert preserved_prompts(replace(old, preserve=["a", "b", "c"])) == (["", "a", "b", "c"], 0.25)
+    assert preserved_prompts(replace(old, preserve=[str(i) for i in range(20)]))[1] == 0.1
+    assert preserved_prompts(replace(new, preserve=["a"], preserve_scale=10.0)) == (["a"], 10.0)
