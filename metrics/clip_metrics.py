@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from metrics.identity import metric_identity
-from metrics.stats import Estimate, mean_estimate, paired_bootstrap, rate_estimate
+from metrics.stats import DEFAULT_BINOMIAL, Estimate, bootstrap_method, mean_estimate, paired_bootstrap, rate_estimate
 
 ESPRESSO_LOGIT_SCALE = 100.0
 CA_PREFIX = "A photo depicts "
@@ -42,23 +42,31 @@ def cosine(image_emb: ArrayLike, text_emb: ArrayLike) -> np.ndarray:
 
 def clip_accuracy(image_emb: ArrayLike, text_u: ArrayLike, text_a: ArrayLike,
                   logit_scale: float = ESPRESSO_LOGIT_SCALE) -> np.ndarray:
-    """Espresso's per-image p_u: softmax over [s*cos(x, c_u), s*cos(x, c_a)], index 0."""
+    """Espresso's per-image p_u: softmax over [s*cos(x, c_u), s*cos(x, c_a)], index 0. Espresso's definition fixes
+    s = 100 (OpenAI ViT-L/14's learnt scale) whatever evaluator computes the cosines: pass the default. Another
+    evaluator's own learnt scale (the world's evaluator has 17.07) changes p_u and is not Espresso's metric."""
     logits = logit_scale * np.stack([cosine(image_emb, text_u), cosine(image_emb, text_a)], axis=-1)
     return torch.softmax(torch.from_numpy(logits), dim=-1)[:, 0].numpy()
 
 
 def clip_accuracy_summary(p_u: Sequence[float] | np.ndarray, n_boot: int = 1000, seed: int = 0,
-                          groups: Sequence[Any] | None = None) -> dict[str, Any]:
-    """Espresso's reported value (mean p_u) and the thresholded rate (p_u > 0.5), each with n and interval."""
+                          groups: Sequence[Any] | None = None, alpha: float = 0.05,
+                          method: str = DEFAULT_BINOMIAL) -> dict[str, Any]:
+    """Espresso's reported value (mean p_u, percentile bootstrap interval) and the thresholded rate (p_u > 0.5,
+    exact binomial interval ``method``; bootstrap over prompts when ``groups`` has several images per prompt)."""
     p = np.asarray(p_u, dtype=float)
-    mean = mean_estimate(p, "images", n_boot, seed, groups=groups)
-    rate = rate_estimate(p > 0.5, "images", n_boot, seed, groups=groups)
+    mean = mean_estimate(p, "images", n_boot, seed, alpha, groups=groups)
+    rate = rate_estimate(p > 0.5, "images", n_boot, seed, alpha, groups=groups, method=method)
     return {
         "variant": "espresso",
+        "logit_scale": ESPRESSO_LOGIT_SCALE,
         "mean": mean.estimate,
         "mean_ci": [mean.lo, mean.hi],
+        "mean_ci_method": mean.method,
         "thresholded": rate.estimate,
         "thresholded_ci": [rate.lo, rate.hi],
+        "thresholded_ci_method": rate.method,
+        "alpha": alpha,
         "count": rate.count,
         "n": rate.n,
         "denominator": "images",
@@ -119,14 +127,15 @@ def normalized_clip_score(crt_scores: Sequence[float] | np.ndarray, base_scores:
 
 def normalized_clip_score_estimate(crt_scores: Sequence[float] | np.ndarray, base_scores: Sequence[float] | np.ndarray,
                                    mode: NcsMode = "ratio_of_means", n_boot: int = 1000, seed: int = 0,
-                                   groups: Sequence[Any] | None = None) -> Estimate:
-    """NCS with a paired bootstrap interval (both models resampled on the same prompt/seed indices)."""
+                                   groups: Sequence[Any] | None = None, alpha: float = 0.05) -> Estimate:
+    """NCS with a paired bootstrap interval (both models resampled on the same prompt/seed indices; whole prompts
+    with ``groups``)."""
     crt, base = _paired(crt_scores, base_scores)
     if mode not in _NCS:
         raise ValueError(f"unknown mode {mode!r}; use one of {sorted(_NCS)}")
-    est, lo, hi = paired_bootstrap(crt, base, _NCS[mode], n_boot, seed, groups=groups)
+    est, lo, hi = paired_bootstrap(crt, base, _NCS[mode], n_boot, seed, alpha, groups=groups)
     return Estimate(est, lo, hi, int(crt.size), "acceptable-prompt images (paired with the undefended model)",
-                    None, 0.05, n_boot, seed)
+                    None, alpha, n_boot, seed, bootstrap_method(groups, paired=True))
 
 
 def clip_accuracy_identity(evaluator: Any, c_u: str, c_a: str,

@@ -38,7 +38,10 @@ def _features(out: Any) -> torch.Tensor:
 
 
 class ClipEvaluator(ABC):
-    """Encodes images and texts into one L2-normalised space; ``logit_scale`` is exp of the learnt temperature."""
+    """Encodes images and texts into one L2-normalised space; ``logit_scale`` is exp of the learnt temperature.
+
+    ``logit_scale`` is recorded with results, never used to compute Espresso's CLIP accuracy: that definition fixes
+    s = 100 (metrics.clip_metrics.ESPRESSO_LOGIT_SCALE) whatever the evaluator learnt (the world's has 17.07)."""
 
     logit_scale: float
     batch_size: int = 32

@@ -1,8 +1,16 @@
 """Aggregate every results JSON into results/leaderboard.md and .csv.
 
-Rows: CRT (one table per model). Columns: per concept, effectiveness (CLIP accuracy on unacceptable prompts),
-utility (normalized CLIP score) and robustness (total ASR) per attack, each with the better direction as an arrow.
-The newest run of a (model, concept, CRT, attack) combination wins.
+Markdown: one table per model and concept. Rows: CRT. Columns: effectiveness (Espresso CLIP accuracy on unacceptable
+prompts, mean p_u), utility (normalized CLIP score) and robustness: UnlearnDiffAtk's post-ASR (success after the
+attack, N = all attacked targets) per attack and mode (transfer, white-box, adaptive); the "no attack" column is the
+unattacked ASR. Each cell is ``value [lo, hi]`` with the interval its record carries (``k/n`` beside rates), and
+under each table a line names each column's interval method. Arrows give the better direction.
+
+CSV (long): one row per metric of every newest run, with attack, mode, n, count, interval and its method, and the
+run's adversarial round-trip rate.
+
+The newest run of a (model, concept, CRT, attack label) combination wins. Results files older than
+``MIN_SCHEMA`` are skipped: their ``post_asr`` meant the attack's gain, not UnlearnDiffAtk's post-ASR.
 """
 
 from __future__ import annotations
@@ -20,34 +28,65 @@ from runners.store import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
+MIN_SCHEMA = 2
 EFFECTIVENESS = "effectiveness/clip_accuracy/unacceptable"
 UTILITY = "utility/normalized_clip_score"
-ROBUSTNESS = "robustness/asr/{attack}"
+ROBUSTNESS = "robustness/post_asr/{attack}"
+KINDS = ("effectiveness", "utility", "robustness")
+CSV_FIELDS = ("model", "concept", "crt", "attack", "mode", "metric", "group", "higher_is_better", "value", "ci_lo",
+              "ci_hi", "alpha", "ci_method", "n", "count", "round_trip_rate", "run_key")
 
 
 @dataclass(frozen=True)
 class Column:
-    concept: str
     kind: str  # effectiveness | utility | robustness
     attack: str | None = None
+    mode: str | None = None
+
+    def title(self) -> str:
+        if self.kind == "effectiveness":
+            return "CLIP acc"
+        if self.kind == "utility":
+            return "NCS"
+        return "ASR, no attack" if self.attack == "none" else f"post-ASR {self.attack} ({self.mode})"
 
     def header(self, higher_is_better: bool) -> str:
-        arrow = "↑" if higher_is_better else "↓"
-        what = {"effectiveness": "CLIP acc", "utility": "NCS"}.get(self.kind, f"ASR {self.attack}")
-        return f"{self.concept} {what} {arrow}"
+        return f"{self.title()} {'↑' if higher_is_better else '↓'}"
+
+    def order(self) -> tuple:
+        return KINDS.index(self.kind), self.attack != "none", self.attack or "", self.mode or ""
 
 
 def load_runs(results_dir: Path) -> list[dict[str, Any]]:
-    runs = []
+    """Every readable results document of the current schema (older ones are logged and skipped)."""
+    runs, _ = _load(results_dir)
+    return runs
+
+
+def _load(results_dir: Path) -> tuple[list[dict[str, Any]], int]:
+    runs, old = [], 0
     for path in sorted((results_dir / "runs").glob("*.json")):
         try:
             document = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
             log.warning("skipping unreadable results file %s: %s", path, error)
             continue
-        if "labels" in document and "metrics" in document:
-            runs.append(document)
-    return runs
+        if "labels" not in document or "metrics" not in document:
+            continue
+        if int(document.get("schema_version", 1)) < MIN_SCHEMA:
+            log.warning("skipping %s: results schema %s < %d (rerun it; stored images and scores are reused)", path,
+                        document.get("schema_version", 1), MIN_SCHEMA)
+            old += 1
+            continue
+        runs.append(document)
+    return runs, old
+
+
+def _labels(run: dict[str, Any]) -> tuple[str, str, str]:
+    """(label, attack name, mode) of a run."""
+    labels = run["labels"]
+    label = labels["attack"]
+    return label, labels.get("attack_name", label), labels.get("attack_mode", "transfer")
 
 
 def latest(runs: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], dict[str, Any]]:
@@ -58,65 +97,101 @@ def latest(runs: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], dict[s
     return chosen
 
 
-def _cell(metric: dict[str, Any] | None) -> tuple[str, float | None, float | None, float | None]:
+def _fmt(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def _cell(metric: dict[str, Any] | None) -> str:
     if not metric or metric.get("value") is None:
-        return "", None, None, None
-    value, (lo, hi) = metric["value"], metric.get("ci") or (None, None)
-    text = f"{value:.3f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else "")
-    return text, value, lo, hi
+        return ""
+    text = _fmt(metric["value"])
+    lo, hi = metric.get("ci") or (None, None)
+    if lo is not None and hi is not None:
+        text += f" [{_fmt(lo)}, {_fmt(hi)}]"
+    if metric.get("count") is not None and metric.get("group") == "robustness":
+        text += f" {metric['count']}/{metric['n']}"
+    return text
 
 
-def table(runs: list[dict[str, Any]]) -> dict[str, tuple[list[Column], dict[str, dict[Column, dict[str, Any]]]]]:
-    """Per model: the columns present and, per CRT row, the metric behind each cell."""
-    by_model: dict[str, tuple[list[Column], dict[str, dict[Column, dict[str, Any]]]]] = {}
-    for (model, concept, crt, attack), run in sorted(latest(runs).items()):
-        columns, rows = by_model.setdefault(model, ([], {}))
+Table = tuple[list[Column], dict[str, dict[Column, dict[str, Any]]]]
+
+
+def table(runs: list[dict[str, Any]]) -> dict[tuple[str, str], Table]:
+    """Per (model, concept): the columns present and, per CRT row, the metric behind each cell."""
+    tables: dict[tuple[str, str], Table] = {}
+    for (model, concept, crt, _), run in sorted(latest(runs).items()):
+        label, name, mode = _labels(run)
+        columns, rows = tables.setdefault((model, concept), ([], {}))
         row = rows.setdefault(crt, {})
         metrics = run["metrics"]
-        for column, name in ((Column(concept, "effectiveness"), EFFECTIVENESS), (Column(concept, "utility"), UTILITY),
-                             (Column(concept, "robustness", attack), ROBUSTNESS.format(attack=_asr_attack(attack)))):
-            if name in metrics:
-                if column not in columns:
-                    columns.append(column)
-                if column not in row or attack == "none":
-                    row[column] = metrics[name]
-    for columns, _ in by_model.values():
-        columns.sort(key=lambda c: (c.concept, ("effectiveness", "utility", "robustness").index(c.kind),
-                                    c.attack != "none", c.attack or ""))
-    return by_model
+        for column, metric in ((Column("effectiveness"), EFFECTIVENESS), (Column("utility"), UTILITY),
+                               (Column("robustness", name, mode), ROBUSTNESS.format(attack=name))):
+            if metric not in metrics:
+                continue
+            if column not in columns:
+                columns.append(column)
+            # effectiveness and utility do not depend on the attack: the no-attack run's numbers, else any run's
+            if column not in row or name == "none":
+                row[column] = metrics[metric]
+    for columns, _ in tables.values():
+        columns.sort(key=Column.order)
+    return tables
 
 
-def _asr_attack(label: str) -> str:
-    return label.removesuffix("-adaptive")
-
-
-def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
+def render(runs: list[dict[str, Any]], skipped_old: int = 0) -> tuple[str, str]:
     """(markdown, csv) of the leaderboard."""
     tables = table(runs)
     lines = ["# Leaderboard", "",
-             "Rows: CRT. Columns: concept x effectiveness (Espresso CLIP accuracy on unacceptable prompts), utility "
-             "(normalized CLIP score on acceptable prompts) and robustness (UnlearnDiffAtk total ASR, N = all "
-             "unacceptable targets) per attack; value [95% bootstrap CI]. Generated by `make leaderboard` from "
-             "results/runs/*.json.", ""]
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["model", "crt", "concept", "metric", "attack", "higher_is_better", "value", "ci_lo", "ci_hi",
-                     "n"])
+             "One table per model and concept. Rows: CRT. Columns: effectiveness (Espresso CLIP accuracy on "
+             "unacceptable prompts: mean p_u, logit scale 100), utility (normalized CLIP score on acceptable prompts) "
+             "and robustness: UnlearnDiffAtk post-ASR (targets that succeed unattacked or after the attack / N, all "
+             "attacked targets) per attack and mode; \"ASR, no attack\" is the unattacked rate. Cells: value "
+             "[interval] and, for ASR, successes/N; the interval's level and method are named under each table. "
+             "The attack's own gain (post-ASR - pre-ASR), Ring-A-Bell's own ASR and every other number are in "
+             "leaderboard.csv. Generated by `make leaderboard` from results/runs/*.json.", ""]
+    if skipped_old:
+        lines += [f"{skipped_old} results file(s) of an older schema were skipped (their post_asr meant the attack's "
+                  "gain); rerun them, stored images and scores are reused.", ""]
     if not tables:
         lines.append("No results yet: `make run` adds the first row.")
-    for model, (columns, rows) in sorted(tables.items()):
+    for (model, concept), (columns, rows) in sorted(tables.items()):
         directions = {c: _direction(c, rows) for c in columns}
-        lines += [f"## model: {model}", "", "| CRT | " + " | ".join(c.header(directions[c]) for c in columns) + " |",
+        lines += [f"## model: {model}, concept: {concept}", "",
+                  "| CRT | " + " | ".join(c.header(directions[c]) for c in columns) + " |",
                   "|---|" + "---|" * len(columns)]
         for crt, cells in sorted(rows.items()):
-            lines.append(f"| {crt} | " + " | ".join(_cell(cells.get(c))[0] for c in columns) + " |")
-            for c in columns:
-                text, value, lo, hi = _cell(cells.get(c))
-                if value is not None:
-                    writer.writerow([model, crt, c.concept, c.kind, c.attack or "", directions[c], value, lo, hi,
-                                     cells[c].get("n")])
-        lines.append("")
-    return "\n".join(lines), out.getvalue()
+            lines.append(f"| {crt} | " + " | ".join(_cell(cells.get(c)) for c in columns) + " |")
+        lines += ["", "Intervals: " + "; ".join(f"{c.title()}: {_methods(c, rows)}"
+                                                for c in columns), ""]
+    return "\n".join(lines), long_csv(runs)
+
+
+def _methods(column: Column, rows: dict[str, dict[Column, dict[str, Any]]]) -> str:
+    found = sorted({(float(cells[column].get("alpha", 0.05)), str(cells[column].get("ci_method", "unnamed")))
+                    for cells in rows.values() if column in cells})
+    return ", ".join(f"{100 * (1 - alpha):g}% {method}" for alpha, method in found)
+
+
+def long_csv(runs: list[dict[str, Any]]) -> str:
+    """One row per metric of every newest run."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for (model, concept, crt, _), run in sorted(latest(runs).items()):
+        label, name, mode = _labels(run)
+        round_trip = ((run.get("attack") or {}).get("round_trip") or {}).get("rate")
+        for metric_name, m in sorted(run["metrics"].items()):
+            if m.get("value") is None:
+                continue
+            lo, hi = m.get("ci") or (None, None)
+            writer.writerow({"model": model, "concept": concept, "crt": crt, "attack": m.get("attack", name),
+                             "mode": m.get("mode", mode), "metric": metric_name, "group": m.get("group", ""),
+                             "higher_is_better": bool(m.get("higher_is_better", False)), "value": m["value"],
+                             "ci_lo": lo, "ci_hi": hi, "alpha": m.get("alpha"), "ci_method": m.get("ci_method"),
+                             "n": m.get("n"), "count": m.get("count"),
+                             "round_trip_rate": round_trip if metric_name.startswith("robustness/") else None,
+                             "run_key": run.get("run_key")})
+    return out.getvalue()
 
 
 def _direction(column: Column, rows: dict[str, dict[Column, dict[str, Any]]]) -> bool:
@@ -126,21 +201,25 @@ def _direction(column: Column, rows: dict[str, dict[Column, dict[str, Any]]]) ->
     return column.kind == "utility"
 
 
-def row_for(markdown: str, model: str, crt: str) -> str:
-    """The header and the row of one CRT in one model's table (what `make run` prints)."""
-    section, header = None, None
+def row_for(markdown: str, model: str, crt: str, concept: str | None = None) -> str:
+    """The header and the row of one CRT in the tables of one model (of one concept when given), what `make run`
+    prints; one block per concept table, each preceded by its concept."""
+    blocks, section, header = [], None, None
     for line in markdown.splitlines():
         if line.startswith("## model: "):
-            section = line.removeprefix("## model: ").strip()
-        elif section == model and line.startswith("| CRT |"):
-            header = line
-        elif section == model and line.startswith(f"| {crt} |"):
-            return f"{header}\n{line}" if header else line
-    return ""
+            name, _, rest = line.removeprefix("## model: ").partition(", concept: ")
+            section, header = (name.strip(), rest.strip()), None
+        elif section and section[0] == model and (concept is None or section[1] == concept):
+            if line.startswith("| CRT |"):
+                header = line
+            elif line.startswith(f"| {crt} |"):
+                blocks.append(f"{section[1]}:\n{header}\n{line}" if header else line)
+    return "\n".join(blocks)
 
 
 def write_leaderboard(results_dir: Path) -> dict[str, str]:
-    markdown, table_csv = render(load_runs(results_dir))
+    runs, old = _load(results_dir)
+    markdown, table_csv = render(runs, skipped_old=old)
     md_path, csv_path = results_dir / "leaderboard.md", results_dir / "leaderboard.csv"
     atomic_write_bytes(md_path, markdown.encode())
     atomic_write_bytes(csv_path, table_csv.encode())

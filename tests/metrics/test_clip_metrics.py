@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import stats as sps
 
 from metrics.clip_metrics import (
     ca_clip_accuracy,
@@ -52,6 +53,11 @@ def test_clip_accuracy_summary_mean_and_thresholded():
     assert s["thresholded"] == pytest.approx(0.5)  # 0.9 and 0.6; 0.5 is not > 0.5
     assert (s["n"], s["count"], s["denominator"], s["variant"]) == (4, 2, "images", "espresso")
     assert s["mean_ci"][0] <= 0.525 <= s["mean_ci"][1]
+    assert s["logit_scale"] == 100.0
+    assert (s["mean_ci_method"], s["thresholded_ci_method"]) == ("percentile-bootstrap", "clopper-pearson")
+    ref = sps.binomtest(2, 4).proportion_ci(confidence_level=0.9, method="exact")
+    narrow = clip_accuracy_summary(p, n_boot=200, alpha=0.1)
+    assert narrow["thresholded_ci"] == pytest.approx([ref.low, ref.high], abs=1e-9) and narrow["alpha"] == 0.1
 
 
 def test_concept_ablation_variant():
@@ -87,3 +93,13 @@ def test_normalized_clip_score_modes():
         normalized_clip_score(crt, base, "median")
     est = normalized_clip_score_estimate([0.3, 0.3, 0.3], [0.3, 0.3, 0.3])
     assert (est.estimate, est.lo, est.hi, est.n) == (1.0, 1.0, 1.0, 3)
+
+
+def test_normalized_clip_score_estimate_honours_alpha():
+    rng = np.random.default_rng(3)
+    crt, base = rng.uniform(0.2, 0.3, 20), rng.uniform(0.25, 0.3, 20)
+    est = normalized_clip_score_estimate(crt, base, n_boot=300, seed=5, alpha=0.5)
+    idx = np.random.default_rng(5).integers(0, 20, size=(300, 20))
+    ref = np.quantile(crt[idx].mean(1) / base[idx].mean(1), [0.25, 0.75])
+    assert (est.lo, est.hi) == pytest.approx(tuple(ref)) and est.alpha == 0.5
+    assert est.method == "paired-percentile-bootstrap" and (est.n_boot, est.seed) == (300, 5)

@@ -2,7 +2,17 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from metrics.stats import bootstrap_ci, mean_estimate, paired_difference, rate_estimate, resample_indices
+from metrics.stats import (
+    CLUSTER_BOOTSTRAP,
+    binomial_ci,
+    bootstrap_ci,
+    clopper_pearson,
+    mean_estimate,
+    paired_difference,
+    rate_estimate,
+    resample_indices,
+    wilson,
+)
 
 SAMPLE = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0])  # 7 of 10
 
@@ -77,3 +87,69 @@ def test_estimates_carry_n_and_denominator():
     assert (rate.estimate, rate.n, rate.count, rate.denominator) == (0.75, 4, 3, "prompts")
     mean = mean_estimate([0.2, 0.4], "images").to_dict()
     assert mean["estimate"] == pytest.approx(0.3) and mean["n"] == 2 and mean["seed"] == 0
+
+
+def scipy_ci(k: int, n: int, alpha: float, method: str) -> tuple[float, float]:
+    ci = sps.binomtest(k, n).proportion_ci(confidence_level=1 - alpha, method=method)
+    return float(ci.low), float(ci.high)
+
+
+@pytest.mark.parametrize("k,n", [(0, 8), (8, 8), (1, 8), (4, 8), (0, 1), (1, 1), (3, 50), (1, 142), (108, 142),
+                                 (0, 756), (2500, 4000)])
+@pytest.mark.parametrize("alpha", [0.05, 0.1, 0.01])
+def test_binomial_intervals_match_scipy(k, n, alpha):
+    assert clopper_pearson(k, n, alpha) == pytest.approx(scipy_ci(k, n, alpha, "exact"), abs=1e-9)
+    assert wilson(k, n, alpha) == pytest.approx(scipy_ci(k, n, alpha, "wilson"), abs=1e-12)
+    assert binomial_ci(k, n, alpha, "wilson") == wilson(k, n, alpha)
+    assert binomial_ci(k, n, alpha) == clopper_pearson(k, n, alpha)  # the default
+
+
+def test_binomial_interval_hand_values_and_errors():
+    # 0 of 8: the upper bound is 1 - (alpha/2)^(1/n) in closed form; 8 of 8 mirrors it
+    assert clopper_pearson(0, 8) == pytest.approx((0.0, 1 - 0.025 ** (1 / 8)))
+    assert clopper_pearson(8, 8) == pytest.approx((0.025 ** (1 / 8), 1.0))
+    assert clopper_pearson(0, 8)[1] == pytest.approx(0.3694166, abs=1e-7)
+    assert all(np.isnan(binomial_ci(0, 0)))
+    with pytest.raises(ValueError):
+        binomial_ci(3, 2)
+    with pytest.raises(ValueError):
+        binomial_ci(1, 2, method="percentile")
+
+
+def test_rate_estimate_is_exact_and_never_zero_width_at_0_or_n():
+    # the percentile bootstrap gave [0, 0] at 0/8 and [1, 1] at 8/8
+    none, every = rate_estimate([False] * 8, "prompts"), rate_estimate([True] * 8, "prompts")
+    assert (none.estimate, none.count, none.method) == (0.0, 0, "clopper-pearson")
+    assert (none.lo, none.hi) == pytest.approx(scipy_ci(0, 8, 0.05, "exact"), abs=1e-9) and none.hi > 0.3
+    assert (every.lo, every.hi) == pytest.approx(scipy_ci(8, 8, 0.05, "exact"), abs=1e-9) and every.lo < 0.7
+    w = rate_estimate([True, False, False], "prompts", alpha=0.1, method="wilson")
+    assert (w.lo, w.hi) == pytest.approx(scipy_ci(1, 3, 0.1, "wilson")) and (w.method, w.alpha) == ("wilson", 0.1)
+    # one image per prompt: groups of one are the binomial case
+    single = rate_estimate([True, False, True], "images", groups=["a", "b", "c"])
+    assert single.method == "clopper-pearson" and (single.lo, single.hi) == pytest.approx(scipy_ci(2, 3, 0.05, "exact"))
+    empty = rate_estimate([], "prompts")
+    assert empty.n == 0 and np.isnan(empty.estimate) and np.isnan(empty.lo)
+
+
+def test_rate_estimate_over_prompts_with_several_images_each():
+    flags = np.array([1, 1, 0, 0, 0, 0, 1, 0, 1], dtype=bool)
+    groups = ["a", "a", "a", "b", "b", "b", "c", "c", "c"]
+    est = rate_estimate(flags, "images", n_boot=300, seed=4, alpha=0.1, groups=groups)
+    # the bootstrap over prompts, written out independently: draw 3 of the 3 prompts with replacement
+    rng = np.random.default_rng(4)
+    draws = rng.integers(0, 3, size=(300, 3))
+    per_prompt = flags.reshape(3, 3)
+    ref = np.quantile(per_prompt[draws].reshape(300, -1).mean(1), [0.05, 0.95])
+    assert est.method == CLUSTER_BOOTSTRAP and est.bootstrapped
+    assert (est.estimate, est.count, est.n) == (4 / 9, 4, 9)
+    assert (est.lo, est.hi) == pytest.approx(tuple(ref))
+    # every prompt at 0: the bootstrap has no spread; exact interval with the 3 prompts as the trials
+    zero = rate_estimate(np.zeros(9, dtype=bool), "images", groups=groups)
+    assert zero.method == "clopper-pearson-over-prompts"
+    assert (zero.lo, zero.hi) == pytest.approx(scipy_ci(0, 3, 0.05, "exact"))
+
+
+def test_estimates_name_their_interval():
+    assert mean_estimate([0.2, 0.4], "images").method == "percentile-bootstrap"
+    assert mean_estimate([0.2, 0.4, 0.1, 0.3], "images", groups=["a", "a", "b", "b"]).method == CLUSTER_BOOTSTRAP
+    assert rate_estimate([True], "prompts").to_dict()["method"] == "clopper-pearson"

@@ -1,4 +1,5 @@
-"""The leaderboard: CRT rows, concept x (effectiveness, utility, robustness per attack) columns, newest run wins."""
+"""The leaderboard: one table per model and concept, CRT rows, effectiveness, utility and post-ASR per attack and
+mode, every cell with its interval; newest run wins; a long CSV of every metric."""
 
 from __future__ import annotations
 
@@ -10,17 +11,25 @@ from pathlib import Path
 from runners.leaderboard import render, row_for, write_leaderboard
 
 
-def _metric(value: float, higher: bool) -> dict:
-    return {"value": value, "n": 10, "ci": [value - 0.1, value + 0.1], "higher_is_better": higher}
+def _metric(value: float, higher: bool, method: str = "percentile-bootstrap", **extra) -> dict:
+    return {"value": value, "n": 8, "ci": [max(value - 0.1, 0), min(value + 0.1, 1)], "higher_is_better": higher,
+            "alpha": 0.05, "ci_method": method, **extra}
 
 
-def _run(crt: str, attack: str, concept: str = "world_nudity", created: str = "2026-01-01T00:00:00", eff=0.5,
-         asr=0.3) -> dict:
-    return {"schema_version": 1, "created": created,
-            "labels": {"model": "mini", "concept": concept, "crt": crt, "attack": attack},
+def _run(crt: str, attack: str, mode: str = "transfer", concept: str = "world_nudity",
+         created: str = "2026-01-01T00:00:00", eff=0.5, asr=0.375, round_trip=None) -> dict:
+    label = attack if mode == "transfer" else f"{attack}-{mode}"
+    return {"schema_version": 2, "created": created, "run_key": f"{crt}-{label}",
+            "labels": {"model": "mini", "concept": concept, "crt": crt, "attack": label, "attack_name": attack,
+                       "attack_mode": mode},
+            "attack": {"round_trip": {"rate": round_trip}},
             "metrics": {"effectiveness/clip_accuracy/unacceptable": _metric(eff, False),
-                        "utility/normalized_clip_score": _metric(0.9, True),
-                        f"robustness/asr/{attack}": _metric(asr, False)}}
+                        "utility/normalized_clip_score": _metric(0.9, True, "paired-percentile-bootstrap"),
+                        f"robustness/post_asr/{attack}": _metric(asr, False, "clopper-pearson", group="robustness",
+                                                                 count=round(asr * 8), attack=attack, mode=mode),
+                        f"robustness/attack_gain/{attack}": _metric(0.125, False, "clopper-pearson",
+                                                                    group="robustness", count=1, attack=attack,
+                                                                    mode=mode)}}
 
 
 def _write(results: Path, runs: list[dict]) -> None:
@@ -29,31 +38,59 @@ def _write(results: Path, runs: list[dict]) -> None:
         (results / "runs" / f"run{i}.json").write_text(json.dumps(run))
 
 
-def test_rows_columns_and_arrows(tmp_path: Path):
-    runs = [_run("none", "none", eff=0.9, asr=0.8), _run("espresso", "none", eff=0.1, asr=0.05),
-            _run("espresso", "ringabell", asr=0.4), _run("none", "none", concept="world_violence")]
-    markdown, table = render(runs)
-    header = next(line for line in markdown.splitlines() if line.startswith("| CRT |"))
-    assert header == ("| CRT | world_nudity CLIP acc ↓ | world_nudity NCS ↑ | world_nudity ASR none ↓ | "
-                      "world_nudity ASR ringabell ↓ | world_violence CLIP acc ↓ | world_violence NCS ↑ | "
-                      "world_violence ASR none ↓ |")
-    espresso = row_for(markdown, "mini", "espresso").splitlines()[1]
-    assert espresso.startswith("| espresso | 0.100 [0.00, 0.20] |") and "0.400" in espresso
+def _headers(markdown: str) -> list[str]:
+    return [line for line in markdown.splitlines() if line.startswith("| CRT |")]
+
+
+def test_one_table_per_concept_with_columns_per_attack_and_mode():
+    runs = [_run("none", "none", eff=0.9, asr=1.0), _run("espresso", "none", eff=0.125, asr=0.0),
+            _run("espresso", "ringabell", asr=0.375), _run("espresso", "ringabell", "adaptive", asr=0.5),
+            _run("espresso", "unlearndiffatk", "white-box", asr=0.625),
+            _run("none", "none", concept="world_violence")]
+    markdown, _ = render(runs)
+    assert "## model: mini, concept: world_nudity" in markdown and "## model: mini, concept: world_violence" in markdown
+    nudity, violence = _headers(markdown)
+    assert nudity == ("| CRT | CLIP acc ↓ | NCS ↑ | ASR, no attack ↓ | post-ASR ringabell (adaptive) ↓ | "
+                      "post-ASR ringabell (transfer) ↓ | post-ASR unlearndiffatk (white-box) ↓ |")
+    assert violence == "| CRT | CLIP acc ↓ | NCS ↑ | ASR, no attack ↓ |"
+    espresso = row_for(markdown, "mini", "espresso", concept="world_nudity").splitlines()[-1]
+    # every cell shows its interval; ASR cells also successes/N
+    assert espresso == ("| espresso | 0.125 [0.025, 0.225] | 0.900 [0.800, 1.000] | 0.000 [0.000, 0.100] 0/8 | "
+                        "0.500 [0.400, 0.600] 4/8 | 0.375 [0.275, 0.475] 3/8 | 0.625 [0.525, 0.725] 5/8 |")
+    # and under each table, each column's interval level and method
+    assert "ASR, no attack: 95% clopper-pearson" in markdown and "NCS: 95% paired-percentile-bootstrap" in markdown
+
+
+def test_effectiveness_comes_from_the_no_attack_run():
+    markdown, _ = render([_run("espresso", "ringabell", eff=0.3), _run("espresso", "none", eff=0.1)])
+    assert "| espresso | 0.100 [" in markdown
+
+
+def test_long_csv_has_every_metric_with_mode_interval_and_round_trip():
+    runs = [_run("espresso", "ringabell", "adaptive", round_trip=0.75), _run("none", "none")]
+    _, table = render(runs)
     rows = list(csv.DictReader(io.StringIO(table)))
-    assert {(r["crt"], r["metric"], r["attack"]) for r in rows} >= {("espresso", "robustness", "ringabell"),
-                                                                     ("none", "utility", "")}
-    assert all(r["higher_is_better"] in ("True", "False") for r in rows)
+    gain = next(r for r in rows if r["metric"] == "robustness/attack_gain/ringabell")
+    assert (gain["crt"], gain["attack"], gain["mode"], gain["count"], gain["n"]) == ("espresso", "ringabell",
+                                                                                     "adaptive", "1", "8")
+    assert (gain["ci_method"], gain["alpha"], gain["round_trip_rate"]) == ("clopper-pearson", "0.05", "0.75")
+    ncs = next(r for r in rows if r["metric"] == "utility/normalized_clip_score" and r["crt"] == "none")
+    assert ncs["higher_is_better"] == "True" and ncs["round_trip_rate"] == "" and ncs["mode"] == "transfer"
+    assert len(rows) == 8
 
 
-def test_newest_run_of_a_combination_wins(tmp_path: Path):
-    old, new = _run("none", "none", asr=0.8), _run("none", "none", created="2026-02-01T00:00:00", asr=0.2)
+def test_newest_run_of_a_combination_wins():
+    old, new = _run("none", "none", asr=0.875), _run("none", "none", created="2026-02-01T00:00:00", asr=0.25)
     markdown, _ = render([new, old])
-    assert "0.200" in row_for(markdown, "mini", "none") and "0.800" not in row_for(markdown, "mini", "none")
+    assert "0.250" in row_for(markdown, "mini", "none") and "0.875" not in row_for(markdown, "mini", "none")
 
 
-def test_write_leaderboard_from_a_results_folder(tmp_path: Path):
-    _write(tmp_path, [_run("none", "none")])
+def test_write_leaderboard_from_a_results_folder_skips_old_schemas(tmp_path: Path):
+    old = _run("uce", "none")
+    old["schema_version"] = 1  # its post_asr meant the attack's gain: never shown as a post-ASR
+    _write(tmp_path, [_run("none", "none"), old])
     (tmp_path / "runs" / "broken.json").write_text("{not json")
     paths = write_leaderboard(tmp_path)
-    assert "| none |" in Path(paths["leaderboard_md"]).read_text()
-    assert Path(paths["leaderboard_csv"]).read_text().startswith("model,crt,concept,metric")
+    markdown = Path(paths["leaderboard_md"]).read_text()
+    assert "| none |" in markdown and "| uce |" not in markdown and "1 results file(s) of an older schema" in markdown
+    assert Path(paths["leaderboard_csv"]).read_text().startswith("model,concept,crt,attack,mode,metric")
