@@ -38,7 +38,7 @@ def execute(cfg: DictConfig | dict, root: Path = ROOT, pipelines: PipelineCache 
     summary = {"counters": run.counters, "outputs": run.outputs, "metrics": run.metrics, "timings": run.timings}
     if "leaderboard_md" in run.outputs:
         markdown = Path(run.outputs["leaderboard_md"]).read_text()
-        row = row_for(markdown, plain["model"]["name"], run.crt.name)
+        row = row_for(markdown, plain["model"]["name"], run.crt.name, run.concept.key)
         if row:
             print(row, flush=True)
     return summary
