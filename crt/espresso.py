@@ -7,15 +7,22 @@ choice labelled as such: separate the normalised projected text embeddings of th
 (and of c_u, c_a themselves) while keeping each prompt paired with its image,
 ``L = -alpha mean ||z_u - z_a||^2 + beta [CE_clip(U_img, U_txt) + CE_clip(A_img, A_txt)]``.
 The released training code is deliberately not reproduced: its loss is pure separation for nudity/violence and a
-constant (zero gradient) for the other concepts. Fine-tuning images come from the base model; the epoch kept is the
-best on the concept's ``validation`` prompts (balanced detection accuracy, then margin), recorded in the meta.
+constant (zero gradient) for the other concepts.
+
+Fine-tuning images come from the base model, ``images_per_caption`` per caption (seeds ``seed .. seed + n - 1``): the
+released code takes 1 per caption, 3 for nudity (``src/finetune_custom.py``; the nudity concept sets 3 through its
+``plugin_params``). The epoch kept is the best on held-out images (balanced detection accuracy, then margin): the
+concept's ``validation`` prompts are to be flagged, its ``validation_acceptable`` prompts (the COCO val2014 captions the
+official repository ships, presumably the source of the images its disabled ``--coco_valset`` early stopping reads)
+to pass; without such a set, fresh images (seeds after the fine-tuning ones) of the acceptable fine-tuning captions,
+never the images it trained on. The curve is in the artifact meta.
 """
 
 from __future__ import annotations
 
 import json
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,7 @@ from runners.spec import Access, Family, PromptItem
 
 ROOT = Path(__file__).resolve().parents[1]
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+VAL_KEYS = ("val_tpr", "val_tnr", "val_balanced_accuracy", "val_margin")
 
 
 @dataclass(frozen=True)
@@ -39,8 +47,10 @@ class EspressoConfig:
     image_std: tuple[float, ...] | None = None
     unacceptable_set: str = "finetune_unacceptable"
     acceptable_set: str = "finetune_acceptable"
+    images_per_caption: int = 1  # base-model images per fine-tuning caption (released: 1; nudity 3)
     validation_set: str | None = "validation"  # unacceptable prompts; None or absent = keep the last epoch
-    validation_acceptable_set: str | None = None  # None = the acceptable fine-tuning images are the negatives
+    # held-out acceptable prompts; None or absent = fresh images of the acceptable fine-tuning captions
+    validation_acceptable_set: str | None = "validation_acceptable"
     epochs: int = 100
     batch_size: int = 10
     lr: float = 5e-5
@@ -186,7 +196,7 @@ class Espresso(CRT):
     exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.UNERASED_MODEL,
                          Access.FILTER_SCORE, Access.FILTER_GRADIENTS})
     trains = "filter CLIP text tower (text_model)"
-    version = "1"
+    version = "2"  # 2: images_per_caption; epoch chosen on held-out acceptable images; validation curve in the meta
 
     def __init__(self, **params: Any):
         super().__init__(**params)
@@ -195,6 +205,8 @@ class Espresso(CRT):
             if params.get(key) is not None:
                 params[key] = tuple(params[key])
         self.config = EspressoConfig(**params)
+        if self.config.images_per_caption < 1:
+            raise ValueError(f"images_per_caption must be >= 1, got {self.config.images_per_caption}")
 
     def fit(self, ctx: FitContext) -> Artifact:
         cfg = self.config
@@ -203,7 +215,7 @@ class Espresso(CRT):
         tokenizer = load_tokenizer(cfg.clip, ctx.pipe.tokenizer)
         preprocess = resolve_preprocess(cfg, clip)
         pairs = self._pairs(ctx, clip, preprocess)
-        positives, negatives, selection = self._validation(ctx, clip, preprocess, pairs)
+        positives, negatives, selection = self._validation(ctx, clip, preprocess)
         text_model = clip.text_model
         text_model.requires_grad_(True)
         optimizer = torch.optim.Adam(text_model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
@@ -221,16 +233,22 @@ class Espresso(CRT):
             elif cfg.patience is not None and epoch - best[1] > cfg.patience:
                 break
         tensors = best[2] if best is not None else _snapshot(text_model)
+        curve = [{"epoch": r["epoch"], **{k[4:]: r[k] for k in VAL_KEYS if k in r}} for r in history]
         meta = {"config": asdict(cfg), "c_u": ctx.concept.c_u, "c_a": ctx.concept.c_a, "preprocess": asdict(preprocess),
                 "pairs": len(pairs.u_text), "selection": {**selection, "epoch": best[1] if best else 0},
-                "history": history}
+                "validation_curve": curve if positives is not None else [], "history": history}
         return Artifact(tensors=tensors, meta=meta)
 
-    def _images(self, ctx: FitContext, items: tuple[PromptItem, ...]) -> tuple[list[str], list[Any]]:
-        """Base-model images of ``items`` and the prompt of each image (several images per prompt allowed)."""
-        images = ctx.generate(list(items))
-        per = max(len(images) // max(len(items), 1), 1)
-        return [item.text for item in items for _ in range(per)][:len(images)], images
+    def _images(self, ctx: FitContext, items: tuple[PromptItem, ...], per_caption: int = 1,
+                seed_offset: int = 0) -> tuple[list[str], list[Any]]:
+        """``per_caption`` base-model images of each item (seeds ``item.seed + seed_offset + j``) and their prompts.
+
+        ``ctx.generate`` delivers one image per item (image 0, seeded by the item), so image j of a caption is what
+        the generate stage makes as that prompt's image j, and is reused from the store."""
+        expanded = [replace(item, seed=item.seed + seed_offset + j) for item in items for j in range(per_caption)]
+        images = ctx.generate(expanded)
+        per = max(len(images) // max(len(expanded), 1), 1)
+        return [item.text for item in expanded], images[::per][:len(expanded)]
 
     @torch.no_grad()
     def _embed_images(self, clip: Any, preprocess: Preprocess, images: list[Any]) -> torch.Tensor:
@@ -238,18 +256,19 @@ class Espresso(CRT):
                           for i in range(0, len(images), 32)])
 
     def _pairs(self, ctx: FitContext, clip: Any, preprocess: Preprocess) -> _Pairs:
-        """U and A prompts paired by index; the shorter side is cycled so that every prompt is used."""
-        u_text, u_images = self._images(ctx, ctx.concept.prompt_set(self.config.unacceptable_set))
-        a_text, a_images = self._images(ctx, ctx.concept.prompt_set(self.config.acceptable_set))
+        """U and A images paired by index; the shorter side is cycled so that every image is used."""
+        cfg = self.config
+        u_text, u_images = self._images(ctx, ctx.concept.prompt_set(cfg.unacceptable_set), cfg.images_per_caption)
+        a_text, a_images = self._images(ctx, ctx.concept.prompt_set(cfg.acceptable_set), cfg.images_per_caption)
         u_img, a_img = self._embed_images(clip, preprocess, u_images), self._embed_images(clip, preprocess, a_images)
         n = max(len(u_text), len(a_text))
         u_idx, a_idx = [i % len(u_text) for i in range(n)], [i % len(a_text) for i in range(n)]
         return _Pairs([u_text[i] for i in u_idx], [a_text[i] for i in a_idx], u_img[u_idx], a_img[a_idx],
                       ctx.concept.c_u, ctx.concept.c_a)
 
-    def _validation(self, ctx: FitContext, clip: Any, preprocess: Preprocess,
-                    pairs: _Pairs) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
-        """Embeddings of images to flag (validation prompts) and to pass, and how they were chosen."""
+    def _validation(self, ctx: FitContext, clip: Any,
+                    preprocess: Preprocess) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
+        """Embeddings of held-out images to flag (validation prompts) and to pass, and where they came from."""
         cfg = self.config
         if cfg.validation_set is None or cfg.validation_set not in ctx.concept.prompts:
             return None, None, {"rule": "last epoch (no validation set)"}
@@ -257,9 +276,13 @@ class Espresso(CRT):
         positives = self._embed_images(clip, preprocess, val_images)
         if cfg.validation_acceptable_set and cfg.validation_acceptable_set in ctx.concept.prompts:
             _, neg_images = self._images(ctx, ctx.concept.prompt_set(cfg.validation_acceptable_set))
-            negatives, neg_source = self._embed_images(clip, preprocess, neg_images), cfg.validation_acceptable_set
-        else:
-            negatives, neg_source = pairs.a_img, f"{cfg.acceptable_set} (fine-tuning images)"
+            neg_source = cfg.validation_acceptable_set
+        else:  # the next image of every acceptable fine-tuning caption: same captions, images it never trained on
+            _, neg_images = self._images(ctx, ctx.concept.prompt_set(cfg.acceptable_set),
+                                         seed_offset=cfg.images_per_caption)
+            neg_source = (f"{cfg.acceptable_set} captions, held-out images (seed + {cfg.images_per_caption}; "
+                          f"no {cfg.validation_acceptable_set!r} set)")
+        negatives = self._embed_images(clip, preprocess, neg_images)
         rule = "best validation balanced accuracy, then margin, over epochs >= 1"
         if cfg.patience is not None:
             rule += f"; early stop after {cfg.patience} epochs without gain"

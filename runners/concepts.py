@@ -3,6 +3,13 @@
 Why: prompt sets are data with licences; the repository ships only their descriptions (URL at a pinned commit,
 sha256, columns, row filter). Files are fetched at run time, verified byte for byte, and kept in a download cache,
 so a result always names exactly which prompts it was computed on.
+
+A source may also say how its rows become prompts, so that a paper's own selection is data, not code:
+``filter`` (row conditions, all must hold: ``[{column: nudity_percentage, gt: 50}]``), ``text_templates`` (the
+first template whose ``when`` conditions hold builds the text from columns: ``{template: "{nudity}, {location}"}``),
+``repeat_each`` (each row n times in a row, seeds unchanged) and ``drop`` (positions in the repeated list, removed).
+A row's ``case`` is its ``case_column`` value, else its 0-based data-row index in the file (before filtering), so a
+filtered I2P subset keeps I2P's own case numbers. ``skip_lines`` skips leading lines of a ``lines`` file (a header).
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ FILTER_OPS = {
     "le": lambda cell, value: float(cell) <= float(value),
     "contains": lambda cell, value: str(value) in str(cell),
     "in_list": lambda cell, value: str(value) in [part.strip() for part in str(cell).split(",")],
+    # the cell split at commas without stripping the parts: "violence, self-harm" holds "violence" but
+    # "self-harm, violence" does not (Ring-A-Bell's violence rule, concepts.md §2: 731 I2P rows, not 756)
+    "in_list_raw": lambda cell, value: str(value) in str(cell).split(","),
 }
 
 
@@ -98,9 +108,10 @@ def read_source(path: Path, source: dict[str, Any], default_seed: int) -> list[P
     text = path.read_bytes().decode(source.get("encoding", "utf-8"))
     fmt = source.get("format", "csv")
     if fmt == "lines":
-        lines = [line.strip() for line in text.splitlines()]
-        return [PromptItem(line, int(source.get("seed", default_seed)), None, str(i))
-                for i, line in enumerate(line for line in lines if line)]
+        lines = [line.strip() for line in text.splitlines()[int(source.get("skip_lines", 0)):]]
+        items = [PromptItem(line, int(source.get("seed", default_seed)), None, str(i))
+                 for i, line in enumerate(line for line in lines if line)]
+        return _expand(items, source)
     if fmt != "csv":
         raise HarnessError(f"unknown prompt source format {fmt!r} (use csv or lines)")
     delimiter = source.get("delimiter", ",")
@@ -109,22 +120,39 @@ def read_source(path: Path, source: dict[str, Any], default_seed: int) -> list[P
     else:  # headerless files: columns are named "0", "1", ...
         table = ({str(i): cell for i, cell in enumerate(row)}
                  for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if row)
-    rows = [row for row in table if _keep(row, source.get("filter", []))]
-    return [_row_item(i, row, source, default_seed) for i, row in enumerate(rows)]
+    items = [_row_item(i, row, source, default_seed) for i, row in enumerate(table)
+             if _keep(row, source.get("filter", []))]
+    return _expand(items, source)
 
 
 def _keep(row: dict[str, str], conditions: Iterable[dict[str, Any]]) -> bool:
     for condition in conditions:
-        op = next(k for k in condition if k != "column")
-        if op not in FILTER_OPS:
-            raise HarnessError(f"unknown prompt filter {op!r}; use one of {sorted(FILTER_OPS)}")
+        ops = [k for k in condition if k != "column"]
+        if len(ops) != 1 or ops[0] not in FILTER_OPS:
+            raise HarnessError(f"prompt filter {dict(condition)!r} needs a column and one of {sorted(FILTER_OPS)}")
+        if condition["column"] not in row:
+            raise HarnessError(f"prompt filter names column {condition['column']!r}; the file has {sorted(row)}")
+        op = ops[0]
         if not FILTER_OPS[op](row[condition["column"]], condition[op]):
             return False
     return True
 
 
+def _row_text(row: dict[str, str], source: dict[str, Any]) -> str:
+    templates = source.get("text_templates")
+    if not templates:
+        return row[source.get("text_column", "prompt")].strip()
+    for template in templates:
+        if _keep(row, template.get("when") or []):
+            try:
+                return str(template["template"]).format(**row).strip()
+            except KeyError as error:
+                raise HarnessError(f"text template {template['template']!r} names column {error}; the file has "
+                                   f"{sorted(row)}") from None
+    raise HarnessError(f"no text template applies to row {row!r}; end the list with one without `when`")
+
+
 def _row_item(i: int, row: dict[str, str], source: dict[str, Any], default_seed: int) -> PromptItem:
-    text_column = source.get("text_column", "prompt")
     seed_column, guidance_column = source.get("seed_column"), source.get("guidance_column")
     case_column = source.get("case_column")
     seed = int(source.get("seed", default_seed))
@@ -132,7 +160,22 @@ def _row_item(i: int, row: dict[str, str], source: dict[str, Any], default_seed:
         seed = int(float(row[seed_column]))
     guidance = float(row[guidance_column]) if guidance_column and row.get(guidance_column) else None
     case = row[case_column] if case_column and row.get(case_column) not in (None, "") else str(i)
-    return PromptItem(row[text_column].strip(), seed, guidance, case)
+    return PromptItem(_row_text(row, source), seed, guidance, case)
+
+
+def _expand(items: list[PromptItem], source: dict[str, Any]) -> list[PromptItem]:
+    """``repeat_each`` copies of every item in a row (case ``<case>/<copy>``), then ``drop`` those positions."""
+    repeat = int(source.get("repeat_each", 1))
+    if repeat < 1:
+        raise HarnessError(f"repeat_each must be >= 1, got {repeat}")
+    if repeat > 1:
+        items = [PromptItem(item.text, item.seed, item.guidance, f"{item.case}/{k}")
+                 for item in items for k in range(repeat)]
+    drop = {int(i) for i in source.get("drop") or []}
+    outside = sorted(i for i in drop if not 0 <= i < len(items))
+    if outside:
+        raise HarnessError(f"drop names positions {outside} outside the {len(items)} rows of the set")
+    return [item for i, item in enumerate(items) if i not in drop]
 
 
 def inline_items(rows: list[dict[str, Any]]) -> list[PromptItem]:

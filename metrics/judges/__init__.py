@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from metrics.judges.base import Judge, JudgeUnavailable, JudgeVerdict
+from metrics.judges.nudenet import DETECTOR_FILES as NUDENET_DETECTOR_FILES
 from metrics.judges.nudenet import PRESETS as NUDENET_PRESETS
-from metrics.judges.nudenet import NudeNetJudge
+from metrics.judges.nudenet import NudeNetJudge, OnnxNudeDetector
 from metrics.judges.q16 import Q16Judge
 from metrics.judges.resnet import IMAGENET_CLASSES, ResNet50Judge
 from metrics.judges.style import StyleClassifierJudge
@@ -22,9 +23,9 @@ JUDGES: dict[str, type[Judge]] = {"nudenet": NudeNetJudge, "q16": Q16Judge, "res
                                   "world": WorldJudge, "vangogh_style": StyleClassifierJudge,
                                   "style_classifier": StyleClassifierJudge}
 
-__all__ = ["IMAGENET_CLASSES", "JUDGES", "NUDENET_PRESETS", "Judge", "JudgeUnavailable", "JudgeVerdict",
-           "NudeNetJudge", "Q16Judge", "ResNet50Judge", "StyleClassifierJudge", "WorldJudge",
-           "build_judge"]
+__all__ = ["IMAGENET_CLASSES", "JUDGES", "NUDENET_DETECTOR_FILES", "NUDENET_PRESETS", "Judge", "JudgeUnavailable",
+           "JudgeVerdict", "NudeNetJudge", "OnnxNudeDetector", "Q16Judge", "ResNet50Judge", "StyleClassifierJudge",
+           "WorldJudge", "build_judge"]
 
 
 def _handler(path: str) -> type[Judge]:
@@ -42,8 +43,9 @@ def _q16_kwargs(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_judge(cfg: Mapping[str, Any]) -> Judge:
-    """``{name: world, predicate: {colour: skin}}``, ``{name: nudenet, preset: rece}``, ``{name: resnet50,
-    class_id: 497}`` (or ``preset: church``), ``{name: q16}``, or ``{handler: ..., params: {...}}``."""
+    """``{name: world, predicate: {colour: skin}}``, ``{name: nudenet, preset: rece}`` (``preset:
+    unlearndiffatk_detector`` downloads UnlearnDiffAtk's own detector file), ``{name: resnet50, class_id: 497}`` (or
+    ``preset: church``), ``{name: q16}``, or ``{handler: ..., params: {...}}``."""
     cfg = dict(cfg)
     if "handler" in cfg:
         cls, params = _handler(cfg["handler"]), dict(cfg.get("params") or {})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ from crt.espresso import (
     text_embeds,
 )
 from runners.spec import Access, Family
-from tests.crt.conftest import CLIP_MEAN, changed_keys, state_snapshot
+from tests.crt.conftest import CLIP_MEAN, changed_keys, items, state_snapshot
 
 
 def _images(size: int, n: int = 12) -> torch.Tensor:
@@ -125,3 +127,69 @@ def test_fit_separates_c_u_from_c_a_and_trains_only_the_text_tower(tiny, concept
     images = tiny.generate(list(concept.prompt_set("target")), pipe=defended.pipe)
     assert defended.filter.scores(images).shape == (1,)
     assert pil_to_pixels(images).shape[-1] == tiny.size
+
+
+class _Recorder:
+    """A runner-like ``generate`` (one image per item, seeded by it) that records what it was asked for; the images
+    are seeded noise, so the fit is fast and every (text, seed) gives its own image."""
+
+    def __init__(self, size: int):
+        self.size, self.calls = size, []
+
+    def __call__(self, items):
+        from PIL import Image
+
+        self.calls.append([(item.text, item.seed) for item in items])
+        out = []
+        for item in items:
+            gen = torch.Generator().manual_seed(item.seed * 7919 + len(item.text))
+            pixels = torch.rand(self.size, self.size, 3, generator=gen)
+            out.append(Image.fromarray((pixels.numpy() * 255).astype("uint8")))
+        return out
+
+    def asked(self) -> set[tuple[str, int]]:
+        return {pair for call in self.calls for pair in call}
+
+
+def _fit(world, concept, **params):
+    recorder = _Recorder(world.size)
+    crt = Espresso(clip=str(world.clip_dir), epochs=2, batch_size=4, lr=1e-4, weight_decay=0.0, **params)
+    artifact = crt.fit(FitContext(pipe=world.pipe, concept=concept, settings=world.settings, generate=recorder))
+    return artifact, recorder
+
+
+def test_epoch_is_chosen_on_held_out_acceptable_prompts_with_the_curve_in_the_meta(world, concept):
+    held_out = items("a clothed green cross", "a dressed blue circle", seed=30)
+    concept = replace(concept, prompts={**concept.prompts, "validation_acceptable": held_out})
+    artifact, recorder = _fit(world, concept)
+    selection = artifact.meta["selection"]
+    assert selection["positives"] == "validation" and selection["negatives"] == "validation_acceptable"
+    assert {(i.text, i.seed) for i in held_out} <= recorder.asked()
+    curve = artifact.meta["validation_curve"]
+    assert [row["epoch"] for row in curve] == [0, 1, 2]
+    assert {"tpr", "tnr", "balanced_accuracy", "margin"} <= set(curve[1])
+    assert curve[selection["epoch"]]["balanced_accuracy"] == max(row["balanced_accuracy"] for row in curve[1:])
+    assert Espresso.version == "2"
+
+
+def test_without_held_out_acceptable_prompts_fresh_images_are_the_negatives(world, concept):
+    """Never the images it trained on: the next seed of each acceptable fine-tuning caption."""
+    artifact, recorder = _fit(world, concept)
+    train = {(i.text, i.seed) for i in concept.prompt_set("finetune_acceptable")}
+    fresh = {(i.text, i.seed + 1) for i in concept.prompt_set("finetune_acceptable")}
+    assert train <= recorder.asked() and fresh <= recorder.asked()
+    assert "held-out images" in artifact.meta["selection"]["negatives"]
+    assert "fine-tuning images" not in artifact.meta["selection"]["negatives"]
+
+
+def test_images_per_caption_pairs_every_image_of_every_caption(world, concept):
+    one, _ = _fit(world, concept)
+    assert one.meta["pairs"] == 3  # 3 captions a side, 1 image each (released default)
+    three, recorder = _fit(world, concept, images_per_caption=3)
+    assert three.meta["pairs"] == 9  # nudity as released: 3 images per caption
+    for item in concept.prompt_set("finetune_unacceptable") + concept.prompt_set("finetune_acceptable"):
+        assert {(item.text, item.seed + j) for j in range(3)} <= recorder.asked()
+    fresh = {(i.text, i.seed + 3) for i in concept.prompt_set("finetune_acceptable")}
+    assert fresh <= recorder.asked()  # held-out negatives come after the three training images
+    with pytest.raises(ValueError):
+        Espresso(images_per_caption=0)
