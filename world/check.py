@@ -249,13 +249,18 @@ def check_judges(judges, n: int = 2000, seed: int = 987654) -> list[Row]:
 
 
 def check_zero_shot(concepts: list[dict], clips: dict[str, Any]) -> list[Row]:
-    """Per CLIP (label -> evaluator), per concept: zero-shot c_u vs c_a on rendered ground-truth images."""
+    """Per CLIP (label -> evaluator), per concept: zero-shot c_u vs c_a on rendered ground-truth images.
+
+    Only the evaluator's rows have a bar (below it CLIP accuracy measures nothing); the generator-side CLIP's rows are
+    information: a weak pair there is what Espresso's fine-tuning starts from, as SD's CLIP is for real concepts."""
     rows = []
     for label, clip in clips.items():
+        gated = label.startswith("evaluator")
         for cfg in concepts:
             acc = pair_zero_shot(cfg, clip)
             rows.append(Row(f"{label} zero-shot: {cfg['key']} ({cfg['c_u']} vs {cfg['c_a']})", acc,
-                            f">= {ZERO_SHOT_BAR:.2f}", acc >= ZERO_SHOT_BAR))
+                            f">= {ZERO_SHOT_BAR:.2f}" if gated else "(no bar: Espresso's start)",
+                            acc >= ZERO_SHOT_BAR if gated else None))
     return rows
 
 
