@@ -29,7 +29,7 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-WORLD_CONCEPTS := world_nudity,world_violence,world_vangogh,world_triangle,world_bobo
+WORLD_CONCEPTS := $(shell ls conf/concept/world_*.yaml | sed 's|.*/||; s|\.yaml$$||' | paste -sd, -)
 leaderboard: $(STAMP)  ## every world concept x CRT x attack (resumable: stored products are reused), then the table
 	$(PY) run.py -m concept=$(WORLD_CONCEPTS) crt=none,espresso,esd_x,esd_u,uce,uce_eot attack=none,ringabell,unlearndiffatk \
 		progress=false results.leaderboard=false
