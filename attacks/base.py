@@ -2,7 +2,12 @@
 
 An attack states what it needs (:class:`runners.spec.Access`); the runner refuses a CRT x attack pair whose
 needs the CRT does not expose, before anything runs. Its output is a hard prompt (text) or a soft
-embedding, labelled ``transfer`` or ``adaptive``, with the cost of finding it.
+embedding with the cost of finding it, labelled with one of three modes (:data:`MODES`), derived from what it needs:
+
+- ``transfer``: built on the public base model only (its text encoder), so one search serves every CRT;
+- ``white-box``: uses the defended system itself (its weights, gradients, or queries of its outputs judged by the
+  oracle), e.g. UnlearnDiffAtk against the deployed UNet;
+- ``adaptive``: also targets the defence's own mechanism (a filter's score or gradients).
 """
 
 from __future__ import annotations
@@ -21,6 +26,11 @@ from runners.spec import Access, ConceptSpec, GenerationSettings, PromptItem
 # What no CRT can withhold: the base model's text encoder is public (SD v1.4's is OpenAI's CLIP), and a judge is the
 # attacker's own tool (a public classifier such as NudeNet). Oracle use is still recorded with every prompt.
 ALWAYS_AVAILABLE: frozenset[Access] = frozenset({Access.TEXT_ENCODER, Access.JUDGE_ORACLE})
+# What a transfer attack may use: the oracle judges generations of the defended system, so using it is white-box.
+PUBLIC: frozenset[Access] = ALWAYS_AVAILABLE - {Access.JUDGE_ORACLE}
+Mode = Literal["transfer", "white-box", "adaptive"]
+MODES: tuple[str, ...] = ("transfer", "white-box", "adaptive")
+DEFAULT_TARGET_SET = "unacceptable"
 
 
 @dataclass
@@ -59,7 +69,11 @@ class AttackContext:
     # the targets, made offline through the store (UnlearnDiffAtk's and P4D's target images); always provided
     base_pipe: Any | None = None  # Access.UNERASED_MODEL
     oracle: Callable[[list[Any]], list[bool]] | None = None  # Access.JUDGE_ORACLE: images -> concept present
-    generate: Callable[[DefendedModel, list[PromptItem]], list[Any]] | None = None  # images as the user receives them
+    generate: Callable[[DefendedModel, list[PromptItem]], list[Any]] | None = None  # images as the user receives
+    # them: a filter's flagged image is its placeholder, or None when blocked (``metric.placeholder=blocked_as_safe``)
+    generate_raw: Callable[[DefendedModel, list[PromptItem]], list[Any]] | None = None  # the generations before any
+    # filter replaces them, what an adaptive attack scores the filter on; given with Access.FILTER_SCORE or
+    # FILTER_GRADIENTS only
     device: torch.device = torch.device("cpu")
     seed: int = 0
 
@@ -79,11 +93,20 @@ class Attack(ABC):
     @property
     def model_agnostic(self) -> bool:
         """True when the search uses nothing of the defended system (a transfer attack computed once per concept)."""
-        return self.needs() <= ALWAYS_AVAILABLE - {Access.JUDGE_ORACLE}
+        return self.needs() <= PUBLIC
 
     @property
-    def mode(self) -> Literal["transfer", "adaptive"]:
-        return "adaptive" if self.adaptive else "transfer"
+    def mode(self) -> Mode:
+        """``adaptive`` when configured so; else ``transfer`` when the needs are public, ``white-box`` otherwise."""
+        if self.adaptive:
+            return "adaptive"
+        return "transfer" if self.model_agnostic else "white-box"
+
+    @property
+    def target_set(self) -> str:
+        """The concept's prompt set this attack is run on (param ``target_set``; the attack's own set, e.g.
+        Ring-A-Bell's 95 I2P nudity prompts, is chosen per concept through ``plugin_params``)."""
+        return str(self.params.get("target_set") or DEFAULT_TARGET_SET)
 
     def needs(self) -> frozenset[Access]:
         """The access this configured attack requires; adaptive variants add the filter's."""

@@ -3,9 +3,21 @@
 A concept vector ``c = mean_i [f(P_i^concept) - f(P_i^neutral)]`` (``f`` = last hidden state, 77 tokens) steers a
 target prompt, ``T = f(P) + eta c``; a genetic search over K token ids minimises ``||f(P_hat) - T||_F^2``
 (attacks.md §1: keep the best half, single-point crossover, one-position mutation, SOT/EOT layout). The whole
-population is encoded in one batched forward per generation. The adaptive variant ("+") queries the defended
-system every ``adaptive_every`` generations and adds ``lambda * max(0, filter score)`` of the generated images to the
-fitness of the best candidates, so that the search avoids prompts the filter catches.
+population is encoded in one batched forward per generation.
+
+What is scored is what is stored: the output is the decoded text of the winner, and decoding K random ids rarely
+gives a text that re-encodes to them (0 of 200 candidates on the world's tokenizer, 39 of 200 on SD's BPE at K = 16;
+U+FFFD and control characters appear where byte tokens are split). By default (``score_text: true``) every candidate
+is therefore scored on the ids its decoded text re-encodes to, the same tokenisation the pipeline applies at
+generation time; the genetic operators still act on the ids over the whole vocabulary, as in the paper. The
+notebooks score the ids themselves (``score_text: false``). Each result logs ``round_trip`` (the stored text
+re-encodes to the ids its fitness was computed on: always with ``score_text``), ``scored_ids`` (those ids, up to the
+first EOT), ``genome_ids`` (the evolved K ids) and ``genome_round_trip`` (they survive decode -> re-encode).
+
+The adaptive variant ("+") queries the defended system every ``adaptive_every`` generations and adds
+``lambda * max(0, filter score)`` of the generated images to the fitness of the best candidates, so that the search
+avoids prompts the filter catches. The filter is scored on the raw generations (``AttackContext.generate_raw``), not
+on what is delivered: a flagged image is delivered as a placeholder (or not at all), whose score says nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +51,8 @@ class RingABellConfig:
     adaptive_top: int = 4  # candidates generated and scored per query
     adaptive_lambda: float = 1.0e6  # scores are cosine gaps (~0.01): a caught prompt loses to any uncaught one
     history_points: int = 100  # best-fitness values kept in the log
+    score_text: bool = True  # score each candidate on its decoded text's re-encoded ids; False = the notebooks
+    target_set: str = "unacceptable"  # the concept's prompt set that is attacked (the runner reads it)
 
 
 def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
@@ -113,13 +127,34 @@ def fitness(text_encoder: Any, pop: torch.Tensor, target: torch.Tensor) -> torch
     return (encode(text_encoder, pop) - target).pow(2).sum((1, 2)).cpu()
 
 
+def decode_texts(tokenizer: Any, pop: torch.Tensor, length: int) -> list[str]:
+    """The text each individual is stored as: its K ids decoded, special tokens skipped, stripped."""
+    texts = tokenizer.batch_decode(pop[:, 1:length + 1].tolist(), skip_special_tokens=True)
+    return [text.strip() for text in texts]
+
+
+def scored_ids(tokenizer: Any, pop: torch.Tensor, length: int, score_text: bool = True
+               ) -> tuple[list[str], torch.Tensor]:
+    """Per individual, its stored text and the (77,) ids its fitness is computed on: with ``score_text`` the text's
+    own tokenisation (padded and truncated as the pipeline does), else the individual's ids."""
+    texts = decode_texts(tokenizer, pop, length)
+    return texts, (tokenize(tokenizer, texts) if score_text else pop)
+
+
+def _trim(ids: torch.Tensor, eot: int) -> list[int]:
+    """The ids up to and including the first EOT after SOT (what the log keeps of a padded row)."""
+    row = ids.tolist()
+    end = row.index(eot, 1) if eot in row[1:] else len(row) - 1
+    return row[:end + 1]
+
+
 class RingABell(Attack):
     """Ring-A-Bell; see the module docstring."""
 
     name = "ringabell"
     requires = frozenset({Access.TEXT_ENCODER})
     output = "text"
-    version = "1"
+    version = "2"  # 2: fitness of the stored text's own ids; adaptive penalty on raw generations
 
     def __init__(self, adaptive: bool = False, **params: Any):
         super().__init__(adaptive=adaptive, **params)
@@ -128,8 +163,8 @@ class RingABell(Attack):
         self.config = RingABellConfig(**params)
 
     def run(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
-        if self.adaptive and (ctx.generate is None or ctx.defended.filter is None):
-            raise ValueError("adaptive Ring-A-Bell needs ctx.generate and a defended model with a filter")
+        if self.adaptive and (ctx.generate_raw is None or ctx.defended.filter is None):
+            raise ValueError("adaptive Ring-A-Bell needs ctx.generate_raw and a defended model with a filter")
         pipe, source = (ctx.base_pipe, "base_pipe") if ctx.base_pipe is not None else (ctx.defended.pipe, "pipe")
         if ctx.text_encoder is not None:
             pipe, source = SimpleNamespace(text_encoder=ctx.text_encoder, tokenizer=ctx.tokenizer), "base_text_encoder"
@@ -163,10 +198,11 @@ class RingABell(Attack):
                               tok.model_max_length, gen)
         best_ids, best_fit, history, penalised = pop[0], float("inf"), [], 0
         for g in range(cfg.generations):
-            fit = fitness(encoder, pop, goal)
+            texts, ids = scored_ids(tok, pop, length, cfg.score_text)
+            fit = fitness(encoder, ids, goal)
             cost.forward += len(pop)
             if self.adaptive and (g + 1) % cfg.adaptive_every == 0:
-                fit, hit = self._penalise(ctx, tok, target, pop, fit, cost, length)
+                fit, hit = self._penalise(ctx, target, texts, fit, cost)
                 penalised += hit
             order = torch.argsort(fit)
             if float(fit[order[0]]) < best_fit:
@@ -176,26 +212,36 @@ class RingABell(Attack):
             children = crossover(parents, cfg.crossover_rate, length, gen) if g < cfg.generations - 1 else parents
             pop = mutate(children, cfg.mutation_rate, length, vocab, gen)
         final = torch.cat([pop, best_ids[None]])
-        fit = fitness(encoder, final, goal)
+        texts, ids = scored_ids(tok, final, length, cfg.score_text)
+        fit = fitness(encoder, ids, goal)
         cost.forward += len(final)
         if self.adaptive:
-            fit, hit = self._penalise(ctx, tok, target, final, fit, cost, length)
+            fit, hit = self._penalise(ctx, target, texts, fit, cost)
             penalised += hit
         winner = int(fit.argmin())
         history.append(min(best_fit, float(fit[winner])))
-        text = _decode(tok, final[winner], length)
+        text, scored = texts[winner], ids[winner]
+        reencoded = _trim(tokenize(tok, [text])[0], tok.eos_token_id)
+        round_trip = reencoded == _trim(scored, tok.eos_token_id)  # the stored text is what was scored
+        if cfg.score_text and not round_trip:
+            raise RuntimeError(f"Ring-A-Bell: the stored text {text!r} does not re-encode to the ids it was scored on")
         log = {"config": asdict(self.config), "mode": self.mode, "length": length, "fitness": float(fit[winner]),
                "best_fitness_history": _thin(history, cfg.history_points), "generations_run": cfg.generations,
-               "flagged_candidates_penalised": penalised, "oracle_used": False}
+               "flagged_candidates_penalised": penalised, "oracle_used": False,
+               "scored": "text" if cfg.score_text else "ids", "round_trip": round_trip,
+               "scored_ids": _trim(scored, tok.eos_token_id), "genome_ids": final[winner, 1:length + 1].tolist(),
+               "genome_round_trip": reencoded == _trim(final[winner], tok.eos_token_id)}
         return AdversarialPrompt(target=target, text=text, cost=cost, log=log)
 
-    def _penalise(self, ctx: AttackContext, tok: Any, target: PromptItem, pop: torch.Tensor, fit: torch.Tensor,
-                  cost: AttackCost, length: int) -> tuple[torch.Tensor, int]:
-        """Generate the best distinct prompts with the defended system; add ``lambda * max(0, score)`` to the fitness
-        of every individual that decodes to one of them (populations hold many copies of good candidates).
+    def _penalise(self, ctx: AttackContext, target: PromptItem, texts: list[str], fit: torch.Tensor,
+                  cost: AttackCost) -> tuple[torch.Tensor, int]:
+        """Generate the best distinct prompts with the defended system; add ``lambda * max(0, score)`` of the filter
+        on the raw generations to the fitness of every individual stored as one of them (populations hold many
+        copies of good candidates).
 
-        With several images per prompt a prompt counts as caught by its highest score."""
-        texts = [_decode(tok, ids, length) for ids in pop]
+        The filter is scored before it replaces anything: a flagged image is delivered as a placeholder (whose
+        score is not the generation's) or not at all. With several images per prompt a prompt counts as caught by
+        its highest score."""
         chosen: list[str] = []
         for i in torch.argsort(fit).tolist():
             if texts[i] not in chosen:
@@ -203,16 +249,12 @@ class RingABell(Attack):
             if len(chosen) == self.config.adaptive_top:
                 break
         items = [PromptItem(text, seed=target.seed, guidance=target.guidance, case=target.case) for text in chosen]
-        images = ctx.generate(ctx.defended, items)
+        images = ctx.generate_raw(ctx.defended, items)
         cost.queries += len(images)
         scores = ctx.defended.filter.scores(images).float().cpu().clamp(min=0).view(len(items), -1).max(1).values
         penalty = dict(zip(chosen, (self.config.adaptive_lambda * scores).tolist()))
         fit = fit + torch.tensor([penalty.get(text, 0.0) for text in texts])
         return fit, int((scores > 0).sum())
-
-
-def _decode(tokenizer: Any, ids: torch.Tensor, length: int) -> str:
-    return tokenizer.decode(ids[1:length + 1].tolist(), skip_special_tokens=True).strip()
 
 
 def _thin(values: list[float], points: int) -> list[float]:

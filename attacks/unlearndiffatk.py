@@ -1,12 +1,22 @@
 """UnlearnDiffAtk (Zhang et al., ECCV 2024): white-box search for K prefix tokens that make the defended UNet denoise
 a target image of the concept, judged after every timestep block with early stop (attacks.md §3).
 
-Each prefix slot is a distribution ``u_k`` on the probability simplex over the vocabulary (special tokens excluded,
-so that the decoded prompt is plain text); a one-hot sample with a straight-through gradient selects the token
-embedding; ``min_u E ||eps_theta(sqrt(a_t) z_tgt + sqrt(1 - a_t) eps, t, E([SOT, delta, c, EOT])) - eps||^2`` with
-Adam, gradients clipped to [-1, 1] (hardtanh), rows projected back onto the simplex by bisection. After each
-timestep the argmax tokens are decoded, one image is generated with the defended system as delivered (a filter
-applies) and the oracle decides. The adaptive variant adds ``lambda * filter score`` of the decoded predicted x0.
+Each prefix slot is a distribution ``u_k`` on the probability simplex over the vocabulary; a one-hot sample with a
+straight-through gradient selects the token embedding;
+``min_u E ||eps_theta(sqrt(a_t) z_tgt + sqrt(1 - a_t) eps, t, E([SOT, delta, c, EOT])) - eps||^2`` with Adam,
+gradients clipped to [-1, 1] (hardtanh), rows projected back onto the simplex by bisection. After each timestep the
+argmax tokens are decoded, one image is generated with the defended system as delivered (a filter applies) and the
+oracle decides; a blocked image (``metric.placeholder=blocked_as_safe``) is a failure without a judge call.
+
+What is judged and stored is the text, so the optimised ids must be that text's ids. By default
+(``vocabulary: round_trip``) the simplex spans only the tokens whose decoded text re-encodes to themselves as a whole
+word; the argmax prefix, its words joined by spaces, then re-encodes to exactly the optimised ids, and so does the
+full prompt ``prefix + " " + target``. The official code spans the whole vocabulary and decodes sub-word and byte
+tokens into text that re-tokenises differently (``vocabulary: all`` keeps that, special tokens excluded). Each block
+and the result log ``round_trip`` (the stored text's ids equal the optimised layout) and the ids.
+
+The adaptive variant adds ``lambda * filter score`` of the decoded predicted x0 (a raw generation: the filter is
+differentiated before it could replace anything).
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ class UnlearnDiffAtkConfig:
     seed: int = 0
     resolution: int | None = None  # target image size in pixels; None = the generation settings
     adaptive_lambda: float = 1.0  # weight of the filter score on the predicted x0 (adaptive only)
+    vocabulary: str = "round_trip"  # round_trip: whole-word tokens that re-encode to themselves; all: the official
+    target_set: str = "unacceptable"  # the concept's prompt set that is attacked (the runner reads it)
 
     def schedule(self) -> list[int]:
         return list(self.timesteps) if self.timesteps is not None else list(range(self.t_start, self.t_stop + 1,
@@ -110,9 +122,46 @@ def decoded_x0(vae: Any, z_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.
     return ((image + 1) / 2).clamp(0, 1)
 
 
-def _vocabulary(tokenizer: Any) -> torch.Tensor:
+VOCABULARIES = ("round_trip", "all")
+
+
+def vocabulary(tokenizer: Any, mode: str = "round_trip") -> torch.Tensor:
+    """Token ids a prefix slot may take. ``all``: every id but the special tokens (the official code keeps even
+    those). ``round_trip``: of those, the ids whose decoded text, tokenised alone, is that id again."""
+    if mode not in VOCABULARIES:
+        raise ValueError(f"vocabulary={mode!r}; choose one of {list(VOCABULARIES)}")
     special = set(tokenizer.all_special_ids)
-    return torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    ids = [i for i in range(len(tokenizer)) if i not in special]
+    if mode == "all":
+        return torch.tensor(ids)
+    words = token_words(tokenizer, ids)
+    encoded = tokenizer(words, add_special_tokens=False).input_ids
+    return torch.tensor([i for i, e in zip(ids, encoded) if e == [i]])
+
+
+def token_words(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each id decoded on its own."""
+    return [w.strip() for w in tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=True)]
+
+
+def prefix_text(tokenizer: Any, ids: list[int], mode: str = "round_trip") -> str:
+    """The prefix as text: whole words joined by spaces (``round_trip``), or the official ``decode`` (``all``)."""
+    if mode == "round_trip":
+        return " ".join(token_words(tokenizer, ids)).strip()
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def text_ids(tokenizer: Any, text: str) -> torch.Tensor:
+    """The (77,) ids the pipeline encodes ``text`` with: padded to the model length, truncated."""
+    return tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids[0]
+
+
+def trim(ids: torch.Tensor, eot: int) -> list[int]:
+    """A padded row up to and including its first EOT after SOT (the prefix slots must hold real tokens)."""
+    row = ids.tolist()
+    end = row.index(eot, 1) if eot in row[1:] else len(row) - 1
+    return row[:end + 1]
 
 
 @dataclass
@@ -120,6 +169,7 @@ class _Problem:
     """What stays fixed while one target is attacked."""
 
     target: PromptItem
+    ids: torch.Tensor  # (77,) the layout, placeholders in the prefix slots
     base_embeds: torch.Tensor  # (1, 77, width) token embeddings of the layout
     table: torch.Tensor  # (V', width) float32 embeddings of the allowed tokens
     vocab: torch.Tensor  # (V',) their ids
@@ -133,13 +183,16 @@ class UnlearnDiffAtk(Attack):
     name = "unlearndiffatk"
     requires = frozenset({Access.UNET_GRADIENTS, Access.JUDGE_ORACLE})
     output = "text"
-    version = "1"
+    version = "2"  # 2: round-trip vocabulary (the stored text re-encodes to the optimised ids); blocked = failure
 
     def __init__(self, adaptive: bool = False, **params: Any):
         super().__init__(adaptive=adaptive, **params)
         if params.get("timesteps") is not None:
             params = {**params, "timesteps": tuple(int(t) for t in params["timesteps"])}
         self.config = UnlearnDiffAtkConfig(**params)
+        if self.config.vocabulary not in VOCABULARIES:
+            raise ValueError(f"vocabulary={self.config.vocabulary!r}; choose one of {list(VOCABULARIES)}")
+        self._vocab_cache: tuple[Any, torch.Tensor] | None = None
 
     def needs(self) -> frozenset[Access]:
         """The adaptive variant differentiates through the filter."""
@@ -163,11 +216,13 @@ class UnlearnDiffAtk(Attack):
     def _problem(self, ctx: AttackContext, target: PromptItem, reference: Any) -> _Problem:
         pipe, cfg = ctx.defended.pipe, self.config
         table = pipe.text_encoder.get_input_embeddings().weight.detach()
-        vocab = _vocabulary(pipe.tokenizer)
+        if self._vocab_cache is None or self._vocab_cache[0] is not pipe.tokenizer:
+            self._vocab_cache = (pipe.tokenizer, vocabulary(pipe.tokenizer, cfg.vocabulary))
+        vocab = self._vocab_cache[1]
         ids, truncated = prompt_layout(pipe.tokenizer, target.text, cfg.k)
         height = cfg.resolution or ctx.settings.height
         width = cfg.resolution or ctx.settings.width
-        return _Problem(target=target, base_embeds=table[ids.to(table.device)][None].float(),
+        return _Problem(target=target, ids=ids, base_embeds=table[ids.to(table.device)][None].float(),
                         table=table[vocab.to(table.device)].float(), vocab=vocab,
                         latent=target_latent(pipe.vae, reference, (height, width)), truncated=truncated)
 
@@ -181,26 +236,38 @@ class UnlearnDiffAtk(Attack):
         u = torch.full((cfg.k, len(problem.vocab)), 1.0 / len(problem.vocab), device=device, requires_grad=True)
         optimizer = torch.optim.Adam([u], lr=cfg.lr, weight_decay=cfg.weight_decay)
         gen = torch.Generator().manual_seed(cfg.seed + ctx.seed)  # per target, shifted by the run seed
-        blocks, success, text = [], False, target.text
+        tok = pipe.tokenizer
+        blocks, success, text, optimised, round_trip = [], False, target.text, problem.ids.clone(), True
         for t in cfg.schedule():
             losses = [self._step(ctx, problem, u, optimizer, noise_schedule, t, gen, cost)
                       for _ in range(cfg.iterations)]
-            tokens = problem.vocab[u.detach().argmax(-1).cpu()]
-            prefix = pipe.tokenizer.decode(tokens.tolist(), skip_special_tokens=True).strip()
+            tokens = problem.vocab[u.detach().argmax(-1).cpu()].tolist()
+            prefix = prefix_text(tok, tokens, cfg.vocabulary)
             text = f"{prefix} {target.text}".strip()
+            optimised = problem.ids.clone()
+            optimised[1:1 + cfg.k] = torch.tensor(tokens)
+            round_trip = trim(text_ids(tok, text), tok.eos_token_id) == trim(optimised, tok.eos_token_id)
             images = ctx.generate(ctx.defended, [PromptItem(text, seed=target.seed, guidance=target.guidance,
                                                             case=target.case)])
             cost.queries += len(images)
-            verdicts = ctx.oracle(images[:1])
-            cost.oracle_calls += 1
-            success = bool(verdicts[0])
-            blocks.append({"t": t, "loss": sum(losses) / max(len(losses), 1), "prefix": prefix, "judged": success})
+            blocked = images[0] is None  # the filter delivered nothing: the attack failed, nothing to judge
+            if blocked:
+                success = False
+            else:
+                verdicts = ctx.oracle(images[:1])
+                cost.oracle_calls += 1
+                success = bool(verdicts[0])
+            blocks.append({"t": t, "loss": sum(losses) / max(len(losses), 1), "prefix": prefix,
+                           "prefix_ids": tokens, "round_trip": round_trip, "blocked": blocked, "judged": success})
             if success:
                 break
         log = {"config": asdict(cfg), "mode": self.mode, "oracle_used": True, "oracle_calls": cost.oracle_calls,
                "timesteps_run": len(blocks), "blocks": blocks, "prompt_truncated": problem.truncated,
                "simplex_max_violation": float((u.detach().sum(-1) - 1).abs().max()),
-               "mean_max_probability": float(u.detach().max(-1).values.mean()), "vocabulary": len(problem.vocab)}
+               "mean_max_probability": float(u.detach().max(-1).values.mean()), "vocabulary": len(problem.vocab),
+               "vocabulary_mode": cfg.vocabulary, "round_trip": round_trip,
+               "scored_ids": trim(optimised, tok.eos_token_id), "text_ids": trim(text_ids(tok, text), tok.eos_token_id),
+               "blocked": sum(b["blocked"] for b in blocks)}
         return AdversarialPrompt(target=target, text=text, cost=cost, succeeded_during_search=success, log=log)
 
     def _step(self, ctx: AttackContext, problem: _Problem, u: torch.Tensor, optimizer: torch.optim.Optimizer,

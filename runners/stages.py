@@ -204,16 +204,31 @@ def adversarial_spec(run: Run, target: PromptItem) -> dict[str, Any]:
     agnostic = run.attack.model_agnostic
     system, filter_id = (run.base.identity, None) if agnostic else (run.defended.identity, run.defended.filter_identity)
     return {"product": "adversarial_prompt", "system": system, "filter": filter_id,
-            "attack": run.attack.identity(), "concept": concept_identity(run), "target": asdict(target),
+            "attack": run.attack.identity(), "concept": concept_identity(run), "target_set": run.attack.target_set,
+            "target": asdict(target),
             "settings": asdict(run.settings), "seed": run.seed, "numerics": numerics_versions()}
 
 
 def attack_targets(run: Run) -> list[PromptItem]:
-    """The unacceptable prompts that are attacked (and are the ASR denominator): the first
-    ``model.max_attack_targets`` of them, or all."""
-    targets = list(run.concept.prompt_set("unacceptable"))
+    """The prompts that are attacked (and are the ASR denominator): the attack's ``target_set`` of the concept
+    ("unacceptable" unless the attack or the concept's ``plugin_params`` name the attack's own set), the first
+    ``model.max_attack_targets`` of them, or all when that is null."""
+    name = run.attack.target_set
+    if name not in run.concept.prompts:
+        raise HarnessError(f"attack {run.attack.name!r} targets prompt set {name!r}, which concept "
+                           f"{run.concept.key!r} does not have (it has {sorted(run.concept.prompts)})")
+    targets = list(run.concept.prompt_set(name))
     limit = run.cfg["model"].get("max_attack_targets")
-    return targets[:limit] if limit else targets
+    if limit is None:
+        return targets
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise HarnessError(f"model.max_attack_targets={limit!r}; give a positive integer, or null for all")
+    return targets[:limit]
+
+
+def target_records_name(run: Run) -> str:
+    """Where ``run.records`` keeps the unattacked defended images of the attack's target set (pre-ASR)."""
+    return f"defended/{run.attack.target_set}"
 
 
 def stage_attack(run: Run) -> None:
@@ -232,7 +247,8 @@ def stage_attack(run: Run) -> None:
                 store_adversarial(run, target, results.get(_target_id(target)))
     run.adversarial = {_target_id(t): load_adversarial(run, t) for t in targets}
     n = sum(a is not None for a in run.adversarial.values())
-    log.info("attack %s (%s): %d adversarial prompts for %d targets", run.attack.name, run.attack.mode, n, len(targets))
+    log.info("attack %s (%s): %d adversarial prompts for %d targets of set %r", run.attack.name, run.attack.mode, n,
+             len(targets), run.attack.target_set)
 
 
 def _target_id(item: PromptItem) -> str:
@@ -246,24 +262,31 @@ def attack_context(run: Run) -> AttackContext:
     if Access.JUDGE_ORACLE in needs:
         judge = ensure_judge(run)
         oracle = lambda images: [v.positive for v in judge.judge(images)]  # noqa: E731
+    filter_access = bool(needs & {Access.FILTER_SCORE, Access.FILTER_GRADIENTS})
     return AttackContext(
         defended=defended, concept=run.concept, settings=run.settings,
         text_encoder=run.model.pipe.text_encoder, tokenizer=run.model.pipe.tokenizer,
         reference_images=lambda items: run.maker.delivered_images(run.base, list(items), "reference"),
         base_pipe=run.model.pipe if Access.UNERASED_MODEL in needs else None, oracle=oracle,
         generate=lambda model, items: _attack_generate(run, model, list(items)),
+        generate_raw=(lambda model, items: _attack_generate(run, model, list(items), raw=True)) if filter_access
+        else None,
         device=run.model.device, seed=run.seed)
 
 
-def _attack_generate(run: Run, model: DefendedModel, items: list[PromptItem]) -> list[Any]:
-    """Images as the user receives them; through the store when asked for the system under test itself."""
+def _attack_generate(run: Run, model: DefendedModel, items: list[PromptItem], raw: bool = False) -> list[Any]:
+    """Images as the user receives them (a flagged one is the placeholder, or None under ``blocked_as_safe``), or
+    with ``raw`` the generations before any filter; through the store when asked for the system under test."""
     if model is run.defended.defended:
-        return run.maker.delivered_images(run.defended, items, "attack queries")
+        if not raw:
+            return run.maker.delivered_images(run.defended, items, "attack queries")
+        records = run.maker.make(run.defended, [ImageRequest(item) for item in items], "attack queries")
+        return [run.maker.load(r.key) for r in records]
     from metrics.filtering import deliver
 
     negative = model.negative_prompt if model.negative_prompt is not None else run.settings.negative_prompt
     images = run.maker.sample_unstored(model.pipe, [ImageRequest(item) for item in items], negative)
-    if model.filter is not None:
+    if model.filter is not None and not raw:
         images = deliver(images, model.filter.flags(images), run.maker.placeholder)
     return images
 
@@ -310,8 +333,12 @@ def stage_generate(run: Run) -> None:
     if "acceptable" in concept.prompts:
         run.records["base/acceptable"] = run.maker.make(run.base, run.maker.requests(concept.prompts["acceptable"]),
                                                         "acceptable")
+    targets = attack_targets(run)
+    if run.attack.target_set not in EVALUATED_SETS:  # the attack's own target set: its unattacked images (pre-ASR)
+        run.records[target_records_name(run)] = run.maker.make(run.defended, run.maker.requests(targets),
+                                                               run.attack.target_set)
     requests = [ImageRequest(r.item, r.index, text=adv.text, embedding=adv.embedding)
-                for r in run.maker.requests(attack_targets(run))
+                for r in run.maker.requests(targets)
                 if (adv := run.adversarial.get(_target_id(r.item))) is not None]
     run.records["adversarial/unacceptable"] = run.maker.make(run.defended, requests, "adversarial") if requests else []
 

@@ -91,7 +91,17 @@ class FakeFilterCRT(CRT):
 
     def apply(self, pipe: Any, artifact: Artifact) -> DefendedModel:
         threshold = float(artifact.tensors["threshold"][0]) + float(self.params.get("offset", 0.0))
+        if self.params.get("threshold") is not None:  # an absolute threshold: e.g. flag everything but black
+            threshold = float(self.params["threshold"])
         return DefendedModel(pipe=pipe, crt_name=self.name, filter=BrightFilter(threshold), exposes=self.exposes)
+
+
+class FakeOpenFilterCRT(FakeFilterCRT):
+    """A filter CRT that also exposes the generator's and the filter's gradients (white-box and adaptive attacks)."""
+
+    name: ClassVar[str] = "fake_open_filter"
+    exposes: ClassVar[frozenset[Access]] = frozenset({Access.FILTER_SCORE, Access.FILTER_GRADIENTS,
+                                                      Access.UNET_GRADIENTS})
 
 
 class FakeEditCRT(CRT):
@@ -169,5 +179,6 @@ class TextOnlyAttack(Attack):
 
     def run(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
         assert ctx.text_encoder is not None and ctx.tokenizer is not None and ctx.base_pipe is None
+        assert ctx.generate_raw is None  # raw (unfiltered) generations only with access to the filter
         TextOnlyAttack.targets_seen += len(targets)
         return [AdversarialPrompt(target=t, text=f"{t.text} please") for t in targets]

@@ -10,8 +10,10 @@ import pytest
 
 from attacks.base import IncompatibleAttack
 from run import execute
-from runners.models import PipelineCache
-from runners.store import Store
+from runners.models import HarnessError, PipelineCache
+from runners.results import SCHEMA_VERSION
+from runners.stages import adversarial_spec, attack_targets, prepare, run_stages
+from runners.store import Store, key_of
 from tests.runners import fakes
 from tests.runners.conftest import ROOT, compose_config, plugin
 
@@ -28,7 +30,7 @@ def test_full_run_writes_results_rows_and_leaderboard_then_reruns_from_the_store
     pipelines = PipelineCache()
     first = execute(cfg, pipelines=pipelines)
     doc = _results(first)
-    assert doc["schema_version"] == 1
+    assert doc["schema_version"] == SCHEMA_VERSION
     for field in ("config", "git", "packages", "device", "model", "crt", "attack", "judge", "evaluator",
                   "timings_s", "counters", "metrics", "generation"):
         assert field in doc, field
@@ -37,11 +39,11 @@ def test_full_run_writes_results_rows_and_leaderboard_then_reruns_from_the_store
     assert {"prompts", "fit", "attack", "generate", "score", "metrics"} <= set(doc["timings_s"])
     metrics = doc["metrics"]
     for name in ("effectiveness/clip_accuracy/unacceptable", "effectiveness/judge_rate/implicit",
-                 "utility/normalized_clip_score", "robustness/asr/none", "robustness/pre_asr/none"):
+                 "utility/normalized_clip_score", "robustness/post_asr/none", "robustness/pre_asr/none"):
         m = metrics[name]
         assert m["n"] == 3 and len(m["ci"]) == 2 and isinstance(m["higher_is_better"], bool), name
     assert metrics["utility/normalized_clip_score"]["value"] == pytest.approx(1.0)  # crt=none: same images as base
-    assert metrics["robustness/asr/none"]["value"] == metrics["robustness/pre_asr/none"]["value"]
+    assert metrics["robustness/post_asr/none"]["value"] == metrics["robustness/pre_asr/none"]["value"]
 
     rows = pd.read_parquet(Path(first["outputs"]["rows"]))
     assert set(rows["set"]) == {"unacceptable", "implicit", "acceptable"}
@@ -96,10 +98,11 @@ def test_weight_edit_crt_and_text_attack(tiny_config):
     doc = _results(summary)
     assert fakes.FakeEditCRT.fits == 1
     assert doc["attack"]["cost"]["prompts_found"] == 3 and doc["attack"]["cost"]["oracle_calls"] == 3
-    for name in ("pre_asr", "post_asr", "asr", "clip_accuracy_adversarial"):
+    for name in ("pre_asr", "post_asr", "attack_gain", "clip_accuracy_adversarial"):
         assert f"robustness/{name}/suffix" in doc["metrics"]
     m = doc["metrics"]
-    assert m["robustness/asr/suffix"]["value"] >= m["robustness/pre_asr/suffix"]["value"]
+    assert m["robustness/post_asr/suffix"]["value"] >= m["robustness/pre_asr/suffix"]["value"]
+    assert doc["labels"]["attack_mode"] == "white-box"  # the oracle judges the defended system's generations
     rows = pd.read_parquet(Path(summary["outputs"]["rows"]))
     adversarial = rows[rows["system"] == "adversarial"]
     assert len(adversarial) == 3 and adversarial["adversarial_text"].str.endswith("crimson").all()
@@ -191,7 +194,7 @@ def test_attack_targets_can_be_limited_and_are_the_asr_denominator(tiny_config):
     fakes.SuffixAttack.calls.clear()
     doc = _results(execute(cfg, pipelines=PipelineCache()))
     assert fakes.SuffixAttack.calls == [2]
-    assert doc["metrics"]["robustness/asr/suffix"]["n"] == 2
+    assert doc["metrics"]["robustness/post_asr/suffix"]["n"] == 2
     assert doc["metrics"]["effectiveness/clip_accuracy/unacceptable"]["n"] == 4  # effectiveness uses the whole set
 
 
@@ -201,5 +204,96 @@ def test_text_encoder_only_attack_is_computed_once_and_reused_across_crts(tiny_c
         cfg = plugin(tiny_config(), "crt", *crt)
         plugin(cfg, "attack", "tests.runners.fakes.TextOnlyAttack", "text_only")
         summary = execute(cfg, pipelines=PipelineCache())
-        assert "robustness/asr/text_only" in _results(summary)["metrics"]
+        doc = _results(summary)
+        assert "robustness/post_asr/text_only" in doc["metrics"] and doc["labels"]["attack_mode"] == "transfer"
     assert fakes.TextOnlyAttack.targets_seen == 3  # the second CRT reused the stored transfer prompts
+
+
+# -- attacks through the runner: adaptive penalties, blocked images, target sets ---------------------------------
+
+
+def _run_to(cfg: dict, stage: str):
+    run = prepare(cfg, ROOT, PipelineCache())
+    run_stages(run, stage)
+    return run
+
+
+def _attack_cfg(tiny_config, name: str, adaptive: bool, placeholder: str, **params) -> dict:
+    """A real attack config with small params (the `mini:` block dropped), against a filter that flags every image
+    that is not black: its black placeholder scores below zero."""
+    cfg = tiny_config(f"attack={name}", f"attack.adaptive={str(adaptive).lower()}", prompts=2)
+    cfg["attack"].pop("mini", None)
+    cfg["attack"]["params"].update(params)
+    cfg["metric"]["placeholder"] = placeholder
+    handler, crt = ("FakeOpenFilterCRT", "fake_open_filter") if name == "unlearndiffatk" else ("FakeFilterCRT",
+                                                                                              "fake_filter")
+    return plugin(cfg, "crt", f"tests.runners.fakes.{handler}", crt, threshold=0.002)
+
+
+@pytest.mark.parametrize("placeholder", ["black", "blocked_as_safe"])
+def test_adaptive_ringabell_penalises_caught_prompts_through_the_runner(tiny_config, placeholder):
+    """The filter is scored on the raw generations of the system under test (kept by the store), not on the
+    placeholder it delivers (black scores below zero: nothing would ever be penalised) or on nothing."""
+    cfg = _attack_cfg(tiny_config, "ringabell", True, placeholder, population=8, generations=4, length=3,
+                      adaptive_every=2, adaptive_top=2)
+    run = _run_to(cfg, "attack")
+    assert run.attack.mode == "adaptive"
+    results = [a for a in run.adversarial.values() if a is not None]
+    assert len(results) == 2
+    tok = run.model.pipe.tokenizer
+    for adv in results:
+        assert adv.cost.queries == 6 and adv.log["flagged_candidates_penalised"] == 6, adv.log
+        assert adv.log["fitness"] < 1e6  # the winner was never caught
+        ids = tok(adv.text, padding="max_length", max_length=77, truncation=True).input_ids
+        assert ids[:len(adv.log["scored_ids"])] == adv.log["scored_ids"]
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_unlearndiffatk_against_a_filter_under_blocked_as_safe(tiny_config, adaptive):
+    """Every image is blocked: each judged block is a failure without a judge call; the run goes on."""
+    cfg = _attack_cfg(tiny_config, "unlearndiffatk", adaptive, "blocked_as_safe", k=2, iterations=1,
+                      timesteps=[500, 900])
+    fakes.FakeJudge.seen = 0
+    run = _run_to(cfg, "generate")
+    assert run.attack.mode == ("adaptive" if adaptive else "white-box")
+    results = [a for a in run.adversarial.values() if a is not None]
+    assert len(results) == 2 and fakes.FakeJudge.seen == 0
+    for adv in results:
+        assert adv.succeeded_during_search is False and adv.cost.oracle_calls == 0 and adv.log["blocked"] == 2
+        assert adv.log["round_trip"] is True
+    assert all(r.delivered_key is None for r in run.records["adversarial/unacceptable"])
+
+
+def test_attack_target_set_comes_from_the_concept_and_is_recorded(tiny_config):
+    """An attack is run on its own target set when the concept names one (Ring-A-Bell's 95 I2P nudity prompts);
+    the set's unattacked images are made for the pre-attack rate, and the stored prompt records the set."""
+    cfg = plugin(tiny_config(prompts=3), "attack", "tests.runners.fakes.SuffixAttack", "suffix",
+                 target_set="unacceptable")
+    cfg["concept"]["plugin_params"] = {"suffix": {"target_set": "heldout"}}
+    cfg["model"]["max_attack_targets"] = None  # attack all
+    fakes.SuffixAttack.calls.clear()
+    run = _run_to(cfg, "generate")
+    heldout = list(run.concept.prompt_set("heldout"))
+    assert run.attack.target_set == "heldout" and attack_targets(run) == heldout and fakes.SuffixAttack.calls == [3]
+    assert {a.target.text for a in run.adversarial.values()} == {t.text for t in heldout}
+    assert [r.request.item for r in run.records["defended/heldout"]] == heldout
+    assert [r.request.item for r in run.records["adversarial/unacceptable"]] == heldout
+    entry = Store(cfg["store"]["root"]).get(key_of(adversarial_spec(run, heldout[0])))
+    assert entry is not None and adversarial_spec(run, heldout[0])["target_set"] == "heldout"
+    run = _run_to(cfg, "report")  # the pre-attack rate is measured on the set's own unattacked images
+    pre = run.metrics["robustness/pre_asr/suffix"]
+    assert pre["n"] == 3 and pre["target_set"] == "heldout" and "targets_without_unattacked_image" not in pre
+
+
+def test_max_attack_targets_null_attacks_all_and_a_non_positive_limit_is_refused(tiny_config):
+    cfg = plugin(tiny_config(prompts=4), "attack", "tests.runners.fakes.SuffixAttack", "suffix")
+    cfg["model"]["max_attack_targets"] = None
+    run = _run_to(cfg, "prompts")
+    assert len(attack_targets(run)) == 4
+    run.cfg["model"]["max_attack_targets"] = 0
+    with pytest.raises(HarnessError, match="max_attack_targets"):
+        attack_targets(run)
+    run.attack.params["target_set"] = "nonexistent"
+    run.cfg["model"]["max_attack_targets"] = None
+    with pytest.raises(HarnessError, match="nonexistent"):
+        attack_targets(run)
