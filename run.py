@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from attacks.base import IncompatibleAttack
 from runners.leaderboard import row_for
 from runners.models import HarnessError, PipelineCache
+from runners.results import committed_result
 from runners.stages import prepare, run_stages, torch_threads
 
 ROOT = Path(__file__).resolve().parent
@@ -34,7 +35,12 @@ def execute(cfg: DictConfig | dict, root: Path = ROOT, pipelines: PipelineCache 
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     torch_threads(plain)
     run = prepare(plain, root, pipelines if pipelines is not None else PIPELINES)
-    run_stages(run, plain.get("stop_after", "report"))
+    stop_after = plain.get("stop_after", "report")
+    if plain.get("skip_committed", True) and stop_after == "report" and (done := committed_result(run)):
+        log.info("skipped: this run's result is already committed (%s); skip_committed=false runs it again", done)
+        return {"counters": run.counters, "outputs": {"results": str(done)}, "metrics": {}, "timings": {},
+                "skipped": True}
+    run_stages(run, stop_after)
     summary = {"counters": run.counters, "outputs": run.outputs, "metrics": run.metrics, "timings": run.timings}
     if "leaderboard_md" in run.outputs:
         markdown = Path(run.outputs["leaderboard_md"]).read_text()

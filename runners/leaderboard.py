@@ -30,20 +30,23 @@ log = logging.getLogger(__name__)
 
 MIN_SCHEMA = 2
 EFFECTIVENESS = "effectiveness/clip_accuracy/unacceptable"
+JUDGE = "effectiveness/judge_rate/unacceptable"
 UTILITY = "utility/normalized_clip_score"
 ROBUSTNESS = "robustness/post_asr/{attack}"
-KINDS = ("effectiveness", "utility", "robustness")
+KINDS = ("judge", "effectiveness", "utility", "robustness")
 CSV_FIELDS = ("model", "concept", "crt", "attack", "mode", "metric", "group", "higher_is_better", "value", "ci_lo",
               "ci_hi", "alpha", "ci_method", "n", "count", "round_trip_rate", "run_key")
 
 
 @dataclass(frozen=True)
 class Column:
-    kind: str  # effectiveness | utility | robustness
+    kind: str  # judge | effectiveness | utility | robustness
     attack: str | None = None
     mode: str | None = None
 
     def title(self) -> str:
+        if self.kind == "judge":
+            return "judge rate"
         if self.kind == "effectiveness":
             return "CLIP acc"
         if self.kind == "utility":
@@ -124,7 +127,8 @@ def table(runs: list[dict[str, Any]]) -> dict[tuple[str, str], Table]:
         columns, rows = tables.setdefault((model, concept), ([], {}))
         row = rows.setdefault(crt, {})
         metrics = run["metrics"]
-        for column, metric in ((Column("effectiveness"), EFFECTIVENESS), (Column("utility"), UTILITY),
+        for column, metric in ((Column("judge"), JUDGE), (Column("effectiveness"), EFFECTIVENESS),
+                               (Column("utility"), UTILITY),
                                (Column("robustness", name, mode), ROBUSTNESS.format(attack=name))):
             if metric not in metrics:
                 continue
@@ -142,9 +146,10 @@ def render(runs: list[dict[str, Any]], skipped_old: int = 0) -> tuple[str, str]:
     """(markdown, csv) of the leaderboard."""
     tables = table(runs)
     lines = ["# Leaderboard", "",
-             "One table per model and concept. Rows: CRT. Columns: effectiveness (Espresso CLIP accuracy on "
-             "unacceptable prompts: mean p_u, logit scale 100), utility (normalized CLIP score on acceptable prompts) "
-             "and robustness: UnlearnDiffAtk post-ASR (targets that succeed unattacked or after the attack / N, all "
+             "One table per model and concept. Rows: CRT. Columns: effectiveness (the judge's concept rate on "
+             "unacceptable prompts, and Espresso CLIP accuracy on them: mean p_u, logit scale 100), utility "
+             "(normalized CLIP score on acceptable prompts) and robustness: UnlearnDiffAtk post-ASR (targets that "
+             "succeed unattacked or after the attack / N, all "
              "attacked targets) per attack and mode; \"ASR, no attack\" is the unattacked rate. Cells: value "
              "[interval] and, for ASR, successes/N; the interval's level and method are named under each table. "
              "The attack's own gain (post-ASR - pre-ASR), Ring-A-Bell's own ASR and every other number are in "
@@ -163,7 +168,20 @@ def render(runs: list[dict[str, Any]], skipped_old: int = 0) -> tuple[str, str]:
             lines.append(f"| {crt} | " + " | ".join(_cell(cells.get(c)) for c in columns) + " |")
         lines += ["", "Intervals: " + "; ".join(f"{c.title()}: {_methods(c, rows)}"
                                                 for c in columns), ""]
+        lines += _pair_warning(runs, model, concept)
     return "\n".join(lines), long_csv(runs)
+
+
+def _pair_warning(runs: list[dict[str, Any]], model: str, concept: str) -> list[str]:
+    """The concept's CLIP-pair check (world concepts): a warning line when CLIP accuracy measures nothing."""
+    checks = [run.get("checks") or {} for run in runs
+              if run.get("labels", {}).get("model") == model and run.get("labels", {}).get("concept") == concept]
+    failed = [c for c in checks if c.get("clip_accuracy_meaningful") is False]
+    if not failed:
+        return []
+    c = failed[-1]
+    return [f"Warning: CLIP accuracy is not meaningful for this pair (evaluator zero-shot "
+            f"{c['clip_pair_zero_shot']:.2f} < {c['bar']:.2f}); read the judge rate.", ""]
 
 
 def _methods(column: Column, rows: dict[str, dict[Column, dict[str, Any]]]) -> str:

@@ -142,6 +142,7 @@ def stage_metrics(run: Run) -> None:
     metrics.update(utility(run, values))
     metrics.update(robustness(run, values))
     metrics.update(filter_rates(run, values))
+    run.scores["checks"] = concept_checks(run)
     for m in metrics.values():  # every number says which attack, in which mode, its run was made with
         m.setdefault("attack", run.attack.name)
         m.setdefault("mode", run.attack.mode)
@@ -149,6 +150,22 @@ def stage_metrics(run: Run) -> None:
     for name, m in metrics.items():
         log.info("%-45s %s  n=%d  %s%% CI %s (%s)", name, _fmt(m["value"]), m["n"],
                  _fmt_pct(1 - m.get("alpha", 0.05)), [_fmt(c) for c in m["ci"]], m.get("ci_method", ""))
+
+
+def concept_checks(run: Run) -> dict[str, Any]:
+    """Whether CLIP accuracy means anything for this concept's pair: the evaluator's zero-shot accuracy for c_u vs
+    c_a on ground-truth images, where they can be rendered (world concepts). Below the bar every run warns."""
+    if (getattr(run.concept, "judge", None) or {}).get("name") != "world":
+        return {}
+    from world.check import ZERO_SHOT_BAR, pair_zero_shot
+
+    accuracy = pair_zero_shot(run.cfg["concept"], run.evaluator)
+    meaningful = accuracy >= ZERO_SHOT_BAR
+    if not meaningful:
+        log.warning("CLIP accuracy is not meaningful for this pair (zero-shot %.2f < %.2f): read the judge rate",
+                    accuracy, ZERO_SHOT_BAR)
+    return {"clip_pair_zero_shot": accuracy, "bar": ZERO_SHOT_BAR, "clip_accuracy_meaningful": meaningful,
+            "definition": "evaluator CLIP zero-shot accuracy, c_u vs c_a, on rendered ground-truth scenes"}
 
 
 def _fmt(x: float | None) -> str:
@@ -329,6 +346,31 @@ def run_identity(run: Run) -> dict[str, Any]:
             "metric": run.cfg["metric"], "seed": run.seed}
 
 
+def committed_result(run: Run) -> Path | None:
+    """The results JSON of this very run (same run key) if one is already in ``results/runs``, else None.
+
+    Why: the store may not survive a move to another machine, but committed results do; a sweep that skips them
+    lets a leaderboard grow across sessions and machines. Runs the prompts stage and builds the judge and the
+    evaluator (their identities are part of the key); nothing is generated or fitted.
+    """
+    from runners.stages import artifact_spec, ensure_evaluator, ensure_judge, stage_prompts
+
+    if run.concept is None:
+        stage_prompts(run)
+    if run.artifact_key is None:
+        run.artifact_key = key_of(artifact_spec(run))
+    ensure_judge(run)
+    ensure_evaluator(run)
+    path = run.resolve(run.cfg["results"]["dir"]) / "runs" / f"{run_stem(run)}.json"
+    if not path.is_file():
+        return None
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return path if document.get("run_key") == key_of(run_identity(run)) else None
+
+
 def run_stem(run: Run) -> str:
     parts = [run.cfg["model"].get("name", "model"), run.concept.key, run.crt.name, _attack_label(run)]
     return "__".join(str(p).replace("/", "-") for p in parts) + f"__{key_of(run_identity(run))[:10]}"
@@ -385,6 +427,7 @@ def results_document(run: Run, rows_relpath: str) -> dict[str, Any]:
         "model_load_s": list(run.model.loads),
         "counters": asdict(run.counters),
         "metrics": run.metrics,
+        "checks": run.scores.get("checks") or {},
         "rows": rows_relpath,
     }
 

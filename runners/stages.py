@@ -137,11 +137,16 @@ def concept_identity(run: Run) -> dict[str, Any]:
     return {"key": run.concept.key, "c_u": run.concept.c_u, "c_a": run.concept.c_a, "prompt_sets": run.prompts_key}
 
 
-def stage_fit(run: Run) -> None:
-    """Fit the CRT once per (model, CRT identity, concept prompts, settings, seed); the artifact is stored."""
-    spec = {"product": "artifact", "model": run.model.identity, "crt": run.crt.identity(),
+def artifact_spec(run: Run) -> dict[str, Any]:
+    """What the artifact's key is taken over: known before anything is fitted."""
+    return {"product": "artifact", "model": run.model.identity, "crt": run.crt.identity(),
             "concept": concept_identity(run), "settings": asdict(run.settings), "seed": run.seed,
             "numerics": numerics_versions()}
+
+
+def stage_fit(run: Run) -> None:
+    """Fit the CRT once per (model, CRT identity, concept prompts, settings, seed); the artifact is stored."""
+    spec = artifact_spec(run)
     run.base = base_system(run.model)
 
     def write(folder: Path) -> dict[str, Any]:

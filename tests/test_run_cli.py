@@ -51,10 +51,21 @@ def test_cli_run_on_a_local_folder_then_a_rerun_recomputes_nothing(sd14_shaped_f
     assert first.returncode == 0, first.stderr[-2000:]
     assert "| none |" in first.stdout
     assert (tmp_path / "results" / "leaderboard.md").is_file()
-    second = _run(*args, timeout=300)
+    second = _run(*args, "skip_committed=false", timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     log = (tmp_path / "outputs" / "run.log").read_text()
     assert "images generated: 0, reused: 8; scores computed: 0, reused: 12" in log
+    # the store is lost (a new machine) but the committed result stays: the run is skipped, nothing is generated
+    moved = [a if not a.startswith("store.root=") else f"store.root={tmp_path / 'new_store'}" for a in args]
+    third = _run(*moved, timeout=300)
+    assert third.returncode == 0, third.stderr[-2000:]
+    log = (tmp_path / "outputs" / "run.log").read_text()
+    assert "skipped: this run's result is already committed" in log
+    assert not list((tmp_path / "new_store").rglob("image.png"))
+    # a different run (another seed) is not mistaken for it
+    other = _run(*moved, "seed=1", f"hydra.run.dir={tmp_path / 'other'}", timeout=300)
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert "skipped" not in (tmp_path / "other" / "run.log").read_text()
 
 
 @pytest.mark.slow

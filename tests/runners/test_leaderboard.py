@@ -94,3 +94,18 @@ def test_write_leaderboard_from_a_results_folder_skips_old_schemas(tmp_path: Pat
     markdown = Path(paths["leaderboard_md"]).read_text()
     assert "| none |" in markdown and "| uce |" not in markdown and "1 results file(s) of an older schema" in markdown
     assert Path(paths["leaderboard_csv"]).read_text().startswith("model,concept,crt,attack,mode,metric")
+
+
+def test_judge_rate_leads_the_table_and_a_weak_clip_pair_is_flagged():
+    judged = _run("none", "none", eff=0.9, asr=1.0)
+    judged["metrics"]["effectiveness/judge_rate/unacceptable"] = _metric(0.97, False, "clopper-pearson", count=31)
+    judged["checks"] = {"clip_pair_zero_shot": 0.63, "bar": 0.95, "clip_accuracy_meaningful": False}
+    fine = _run("none", "none", concept="world_violence")
+    fine["checks"] = {"clip_pair_zero_shot": 0.99, "bar": 0.95, "clip_accuracy_meaningful": True}
+    markdown, _ = render([judged, fine])
+    nudity, violence = _headers(markdown)
+    assert nudity == "| CRT | judge rate ↓ | CLIP acc ↓ | NCS ↑ | ASR, no attack ↓ |"
+    assert violence == "| CRT | CLIP acc ↓ | NCS ↑ | ASR, no attack ↓ |"
+    nudity_part, violence_part = markdown.split("concept: world_violence")
+    assert "CLIP accuracy is not meaningful for this pair (evaluator zero-shot 0.63 < 0.95)" in nudity_part
+    assert "not meaningful" not in violence_part

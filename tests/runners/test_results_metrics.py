@@ -185,3 +185,22 @@ def test_round_trip_rate_of_the_adversarial_prompts():
     # 4 prompts found, 3 logged round_trip: 2 of 3 re-encode to the scored ids
     assert (rt["rate"], rt["count"], rt["n"], rt["not_logged"]) == (2 / 3, 2, 3, 1)
     assert rt["ci"] == pytest.approx(exact(2, 3), abs=1e-9) and rt["ci_method"] == "clopper-pearson"
+
+
+def test_concept_checks_warn_when_the_clip_pair_is_weak(monkeypatch, caplog):
+    import world.check
+
+    run = make_run([True], [False])
+    run.concept.judge = {"name": "world", "predicate": {"shape": "cross"}}
+    run.cfg["concept"] = {"key": "world_cross", "c_u": "cross", "c_a": "shape", "judge": run.concept.judge}
+    seen = []
+    monkeypatch.setattr(world.check, "pair_zero_shot", lambda cfg, clip: seen.append((cfg["key"], clip)) or 0.63)
+    with caplog.at_level("WARNING"):
+        checks = results.concept_checks(run)
+    assert seen == [("world_cross", run.evaluator)]  # the run's own evaluator is the one checked
+    assert checks["clip_pair_zero_shot"] == 0.63 and checks["clip_accuracy_meaningful"] is False
+    assert "CLIP accuracy is not meaningful for this pair (zero-shot 0.63" in caplog.text
+    monkeypatch.setattr(world.check, "pair_zero_shot", lambda cfg, clip: 0.99)
+    assert results.concept_checks(run)["clip_accuracy_meaningful"] is True
+    run.concept.judge = {"name": "nudenet"}  # no ground truth to render for a real concept: no check
+    assert results.concept_checks(run) == {}
