@@ -38,6 +38,7 @@ def tiny_config(tmp_path: Path, sd14_shaped_folder: Path) -> Callable[..., dict[
         cfg["data"]["downloads"] = str(tmp_path / "downloads")
         cfg["metric"]["bootstrap"]["n_boot"] = 100
         cfg["progress"] = False
+        cfg["skip_committed"] = False  # these tests rerun from the store; tests/test_run_cli.py covers the skip
         return cfg
 
     return make
