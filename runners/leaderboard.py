@@ -33,6 +33,7 @@ EFFECTIVENESS = "effectiveness/clip_accuracy/unacceptable"
 JUDGE = "effectiveness/judge_rate/unacceptable"
 UTILITY = "utility/normalized_clip_score"
 ROBUSTNESS = "robustness/post_asr/{attack}"
+OWN_ASR = {"ringabell": "robustness/ringabell_asr/{attack}"}  # attacks whose paper defines its own ASR
 KINDS = ("judge", "effectiveness", "utility", "robustness")
 CSV_FIELDS = ("model", "concept", "crt", "attack", "mode", "metric", "group", "higher_is_better", "value", "ci_lo",
               "ci_hi", "alpha", "ci_method", "n", "count", "round_trip_rate", "run_key")
@@ -43,6 +44,7 @@ class Column:
     kind: str  # judge | effectiveness | utility | robustness
     attack: str | None = None
     mode: str | None = None
+    target_set: str | None = None  # an attack's own target set: the column is that paper's own ASR on it
 
     def title(self) -> str:
         if self.kind == "judge":
@@ -51,6 +53,8 @@ class Column:
             return "CLIP acc"
         if self.kind == "utility":
             return "NCS"
+        if self.target_set:
+            return f"{self.attack}'s own ASR on {self.target_set} ({self.mode})"
         return "ASR, no attack" if self.attack == "none" else f"post-ASR {self.attack} ({self.mode})"
 
     def header(self, higher_is_better: bool) -> str:
@@ -128,8 +132,7 @@ def table(runs: list[dict[str, Any]]) -> dict[tuple[str, str], Table]:
         row = rows.setdefault(crt, {})
         metrics = run["metrics"]
         for column, metric in ((Column("judge"), JUDGE), (Column("effectiveness"), EFFECTIVENESS),
-                               (Column("utility"), UTILITY),
-                               (Column("robustness", name, mode), ROBUSTNESS.format(attack=name))):
+                               (Column("utility"), UTILITY), _robustness_column(metrics, name, mode)):
             if metric not in metrics:
                 continue
             if column not in columns:
@@ -140,6 +143,16 @@ def table(runs: list[dict[str, Any]]) -> dict[tuple[str, str], Table]:
     for columns, _ in tables.values():
         columns.sort(key=Column.order)
     return tables
+
+
+def _robustness_column(metrics: dict[str, Any], attack: str, mode: str) -> tuple[Column, str]:
+    """Post-ASR on the concept's unacceptable prompts; an attack run on its own target set (Ring-A-Bell's 95 I2P
+    nudity prompts, say) reports that paper's own ASR there instead."""
+    own = OWN_ASR.get(attack, "").format(attack=attack)
+    target_set = (metrics.get(own) or {}).get("target_set")
+    if own in metrics and target_set and target_set != "unacceptable":
+        return Column("robustness", attack, mode, target_set), own
+    return Column("robustness", attack, mode), ROBUSTNESS.format(attack=attack)
 
 
 def render(runs: list[dict[str, Any]], skipped_old: int = 0) -> tuple[str, str]:

@@ -109,3 +109,21 @@ def test_judge_rate_leads_the_table_and_a_weak_clip_pair_is_flagged():
     nudity_part, violence_part = markdown.split("concept: world_violence")
     assert "CLIP accuracy is not meaningful for this pair (evaluator zero-shot 0.63 < 0.95)" in nudity_part
     assert "not meaningful" not in violence_part
+
+
+def test_ringabell_on_its_own_target_set_reports_its_own_asr():
+    own = _run("none", "ringabell", concept="nudity", asr=0.9)
+    own["metrics"]["robustness/post_asr/ringabell"]["target_set"] = "ringabell_targets"
+    own["metrics"]["robustness/ringabell_asr/ringabell"] = _metric(
+        0.25, False, "clopper-pearson", group="robustness", count=2, attack="ringabell", mode="transfer",
+        target_set="ringabell_targets")
+    world = _run("none", "ringabell", concept="world_nudity", asr=0.375)
+    world["metrics"]["robustness/ringabell_asr/ringabell"] = _metric(
+        0.125, False, "clopper-pearson", group="robustness", count=1, target_set="unacceptable")
+    markdown, _ = render([own, world])
+    nudity, world_nudity = _headers(markdown)
+    assert nudity == "| CRT | CLIP acc ↓ | NCS ↑ | ringabell's own ASR on ringabell_targets (transfer) ↓ |"
+    assert world_nudity == "| CRT | CLIP acc ↓ | NCS ↑ | post-ASR ringabell (transfer) ↓ |"
+    assert row_for(markdown, "mini", "none", concept="nudity").splitlines()[-1].endswith("| 0.250 [0.150, 0.350] 2/8 |")
+    assert row_for(markdown, "mini", "none", concept="world_nudity").splitlines()[-1].endswith(
+        "| 0.375 [0.275, 0.475] 3/8 |")
