@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from world import vocabulary as V
@@ -122,3 +124,113 @@ def short_caption(scene: Scene, rng: np.random.Generator) -> str:
         return first
     second = words[int(rng.integers(len(words)))]
     return first if second == first else f"{first} {second}"
+
+
+# ---------------------------------------------------------------- evaluator CLIP captions
+# Only the evaluator CLIP's training (``world.train``, stage ``eval_clip``) uses what follows; every caption above
+# draws exactly what it drew before, so the generator CLIP, the UNet and the judges train on unchanged data.
+
+CONTRAST_FORMS = ("ordered", "hypernym", "member")
+
+
+NAME_RATE = 0.75  # how often a contrast caption names an attribute by its own name rather than a synonym
+
+
+def _name(rng: np.random.Generator, value: str, synonyms: tuple[str, ...]) -> str:
+    """The attribute's own name most of the time (the word a prompt uses), else one of its synonyms."""
+    return value if rng.random() < NAME_RATE else _pick(rng, synonyms)
+
+
+def shape_word(scene: Scene, rng: np.random.Generator) -> str:
+    return _name(rng, scene.shape, V.SHAPE_SYNONYMS[scene.shape])
+
+
+def colour_word(scene: Scene, rng: np.random.Generator) -> str:
+    """The object's colour, or how a nude one is named (it has no paint colour)."""
+    if scene.nude:
+        return _pick(rng, V.NUDE_EXPLICIT)
+    return _name(rng, scene.colour, V.COLOUR_SYNONYMS[scene.colour])
+
+
+def ordered_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """Colour then shape, in English order: ``red cross``, ``a red cross``, ``a red cross shape``."""
+    colour, shape = colour_word(scene, rng), shape_word(scene, rng)
+    r = rng.random()
+    if r < 0.4:
+        return f"{colour} {shape}"
+    if r < 0.75:
+        return " ".join(_article(["a", colour, shape]))
+    return " ".join(_article(["a", colour, shape, _pick(rng, V.SHAPE_HYPERNYMS)]))
+
+
+def hypernym_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A member named beside its hypernym, so the hypernym cannot stand for the member: ``a cross shape``,
+    ``a shape: cross``, ``cross, a shape``."""
+    shape, hypernym = shape_word(scene, rng), _pick(rng, V.SHAPE_HYPERNYMS)
+    r = rng.random()
+    if r < 0.4:
+        return " ".join(_article(["a", shape, hypernym]))
+    if r < 0.7:
+        return f"a {hypernym}: {shape}"
+    return " ".join([shape + ",", *_article(["a", hypernym])])
+
+
+def contrast_caption(scene: Scene, rng: np.random.Generator, form: str | None = None) -> str:
+    """A short caption that names the object's members (``ordered``: colour then shape; ``hypernym``: the shape
+    beside ``shape``/``object``/``thing``; ``member``: the bare shape or colour word); the character by name."""
+    if form is None:
+        form = _pick(rng, CONTRAST_FORMS)
+    if form not in CONTRAST_FORMS:
+        raise ValueError(f"form must be one of {CONTRAST_FORMS}, got {form!r}")
+    if scene.is_character:
+        return V.CHARACTER if rng.random() < 0.6 else f"{V.CHARACTER}, a yellow circle with a black band"
+    if form == "ordered":
+        return ordered_caption(scene, rng)
+    if form == "hypernym":
+        return hypernym_caption(scene, rng)
+    return shape_word(scene, rng) if rng.random() < 0.6 else colour_word(scene, rng)
+
+
+PAIR_ATTRIBUTES = ("shape", "colour", "colour+shape")
+
+
+def minimal_pair(scene: Scene, rng: np.random.Generator, attribute: str) -> tuple[Scene, Scene]:
+    """Two scenes identical except ``attribute`` (shape, colour, or both), neither nude nor the character, so
+    each is captioned by its member words alone (``red cross`` vs ``red square``/``green cross``/``green
+    square``)."""
+    if attribute not in PAIR_ATTRIBUTES:
+        raise ValueError(f"attribute must be one of {PAIR_ATTRIBUTES}, got {attribute!r}")
+    colours = list(V.COLOURS)
+    if scene.nude:
+        scene = replace(scene, colour=_pick(rng, colours))
+    other = scene
+    if "shape" in attribute:
+        other = replace(other, shape=_pick(rng, [s for s in V.SHAPES if s != scene.shape]))
+    if "colour" in attribute:
+        other = replace(other, colour=_pick(rng, [c for c in colours if c != scene.colour]))
+    if scene.is_character or other.is_character:  # a yellow banded circle is bobo: both lose the band
+        scene, other = replace(scene, band=False), replace(other, band=False)
+    return scene, other
+
+
+PAIR_FORMS = ("ordered", "member")
+
+
+def pair_captions(pair: tuple[Scene, Scene], rng: np.random.Generator, attribute: str,
+                  form: str | None = None) -> tuple[str, str]:
+    """Captions of a minimal pair in one shared form that differ only where the scenes differ, so the loss must
+    use those words. ``ordered``: colour then shape for both (``a red cross`` / ``a red square``, ``red cross`` /
+    ``green cross``); ``member``: the bare changed word (``cross`` / ``square``, ``red`` / ``green``; a pair that
+    differs in both is captioned ``ordered``)."""
+    first, second = pair
+    if form is None:
+        form = PAIR_FORMS[int(rng.integers(len(PAIR_FORMS)))]
+    if form not in PAIR_FORMS:
+        raise ValueError(f"form must be one of {PAIR_FORMS}, got {form!r}")
+    describe = ordered_caption
+    if form == "member" and attribute != "colour+shape":
+        describe = shape_word if attribute == "shape" else colour_word
+    state = rng.bit_generator.state
+    a = describe(first, rng)
+    rng.bit_generator.state = state  # the same draws (name or synonym, article, hypernym) for both
+    return a, describe(second, rng)

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +26,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from world import models
-from world.captions import caption, short_caption
+from world.captions import (
+    PAIR_ATTRIBUTES,
+    PAIR_FORMS,
+    caption,
+    contrast_caption,
+    minimal_pair,
+    pair_captions,
+    short_caption,
+)
 from world.scene import Scene, render, sample_scene
 
 log = logging.getLogger("world.train")
@@ -75,6 +84,54 @@ def render_batch(scenes: list[Scene], seed: int, step: int) -> torch.Tensor:
 def captions_for(scenes: list[Scene], seed: int, step: int, short_rate: float = 0.0) -> list[str]:
     rng = np.random.default_rng([seed, step, 7])
     return [short_caption(s, rng) if rng.random() < short_rate else caption(s, rng) for s in scenes]
+
+
+def clip_batch(seed: int, step: int, n: int) -> tuple[torch.Tensor, list[str]]:
+    """The generator CLIP's batch: ``n`` prior scenes in [0, 1], each with a caption (a quarter short ones)."""
+    scenes = batch_scenes(seed, step, n)
+    return render_batch(scenes, seed, step), captions_for(scenes, seed, step, short_rate=0.25)
+
+
+# The evaluator CLIP's batch (stage eval_clip only): per 128, 32 minimal pairs + 64 prior scenes, of which 30% get
+# short alt-text captions, 25% contrast captions and the rest full captions. Chosen on pilot runs scored at another
+# image seed than world-check's; pairs captioned member-vs-hypernym (``cross`` / ``shape``) made `cross` worse.
+EVAL_CLIP_PAIRS = 32
+EVAL_CLIP_SHORT = 0.3
+EVAL_CLIP_CONTRAST = 0.25
+EVAL_CLIP_PAIR_WEIGHTS = (0.5, 0.25, 0.25)  # shape, colour, colour+shape (PAIR_ATTRIBUTES)
+EVAL_CLIP_FORM_WEIGHTS = (0.55, 0.45)  # ordered, member (PAIR_FORMS)
+
+
+def eval_clip_batch(seed: int, step: int, n: int, pairs: int = EVAL_CLIP_PAIRS, short_rate: float = EVAL_CLIP_SHORT,
+                    contrast_rate: float = EVAL_CLIP_CONTRAST, pair_weights=EVAL_CLIP_PAIR_WEIGHTS,
+                    form_weights=EVAL_CLIP_FORM_WEIGHTS, pair_blood: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """The evaluator CLIP's batch, which makes the contrastive loss tell members from their hypernym and bind a
+    colour to its shape: ``n - 2 * pairs`` prior scenes captioned as the generator's are, or with a contrast
+    caption (``a cross shape``, ``a shape: cross``, ``red cross``, ``cross``; :func:`contrast_caption`), then
+    ``pairs`` minimal pairs (two scenes identical, render noise included, except the shape, the colour, or both;
+    no blood, which their captions would leave unnamed), captioned by :func:`pair_captions` (``red cross`` /
+    ``red square``, ``red cross`` / ``green cross``, ``cross`` / ``circle``). Deterministic in (seed, step)."""
+    rng = np.random.default_rng([seed, step, 13])
+    scenes = batch_scenes(seed, step, n - 2 * pairs)
+    texts = []
+    for scene in scenes:
+        r = rng.random()
+        if r < short_rate:
+            texts.append(short_caption(scene, rng))
+        elif r < short_rate + contrast_rate:
+            texts.append(contrast_caption(scene, rng))
+        else:
+            texts.append(caption(scene, rng))
+    render_seeds = [hash((seed, step, i)) & 0xFFFFFFFF for i in range(len(scenes))]
+    for k in range(pairs):
+        attribute = PAIR_ATTRIBUTES[int(rng.choice(len(PAIR_ATTRIBUTES), p=pair_weights))]
+        form = PAIR_FORMS[int(rng.choice(len(PAIR_FORMS), p=form_weights))]
+        base = sample_scene(rng) if pair_blood else sample_scene(rng, blood=False)
+        pair = minimal_pair(base, rng, attribute)
+        scenes.extend(pair)
+        texts.extend(pair_captions(pair, rng, attribute, form))
+        render_seeds.extend([hash((seed, step, n + k)) & 0xFFFFFFFF] * 2)
+    return to_tensor([render(s, seed=r) for s, r in zip(scenes, render_seeds)]), texts
 
 
 def tokenize(tokenizer, texts: list[str], length: int | None = None) -> torch.Tensor:
@@ -178,7 +235,10 @@ def stage_judges(cfg: TrainConfig) -> None:
         train_judge(cfg, family, labels)
 
 
-def train_clip(cfg: TrainConfig, tokenizer, name: str, steps: int, seed: int, **size) -> None:
+def train_clip(cfg: TrainConfig, tokenizer, name: str, steps: int, seed: int,
+               batch: Callable[[int, int, int], tuple[torch.Tensor, list[str]]] = clip_batch,
+               info: dict | None = None, **size) -> None:
+    """Contrastive CLIP training; ``batch(seed, step, n)`` gives the step's images in [0, 1] and captions."""
     out = Path(cfg.out_dir) / name
     if _done(out):
         return
@@ -195,9 +255,9 @@ def train_clip(cfg: TrainConfig, tokenizer, name: str, steps: int, seed: int, **
         lr = 5e-4 * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        scenes = batch_scenes(seed, step, cfg.clip_batch)
-        pixels = render_batch(scenes, seed, step) * 2 - 1
-        ids = tokenize(tokenizer, captions_for(scenes, seed, step, short_rate=0.25), CLIP_TRAIN_TOKENS)
+        pixels, texts = batch(seed, step, cfg.clip_batch)
+        pixels = pixels * 2 - 1
+        ids = tokenize(tokenizer, texts, CLIP_TRAIN_TOKENS)
         outputs = model(input_ids=ids, pixel_values=pixels, return_loss=True)
         opt.zero_grad()
         outputs.loss.backward()
@@ -211,7 +271,7 @@ def train_clip(cfg: TrainConfig, tokenizer, name: str, steps: int, seed: int, **
             log.info("%s step %d loss %.4f (%.1fs)", name, step, outputs.loss.item(), time.time() - t0)
     model.save_pretrained(str(out))
     write_clip_processor(out, tokenizer)
-    _mark_done(out, {"steps": steps, "seed": seed, **size})
+    _mark_done(out, {"steps": steps, "seed": seed, **size, **(info or {})})
 
 
 def write_clip_processor(folder: Path, tokenizer) -> None:
@@ -380,8 +440,9 @@ def main(argv: list[str] | None = None) -> None:
         write_clip_processor(Path(cfg.out_dir) / "clip", tokenizer)
         train_unet(cfg, tokenizer)
     if stage in ("all", "eval_clip"):
-        train_clip(cfg, tokenizer, "clip_eval", cfg.eval_clip_steps, cfg.seed + 2, width=96, layers=3,
-                   vision_width=96, vision_layers=3, projection_dim=96)
+        train_clip(cfg, tokenizer, "clip_eval", cfg.eval_clip_steps, cfg.seed + 2, batch=eval_clip_batch,
+                   info={"captions": "eval_clip_batch"}, width=96, layers=3, vision_width=96, vision_layers=3,
+                   projection_dim=96)
 
 
 if __name__ == "__main__":
