@@ -112,7 +112,7 @@ def test_fit_separates_c_u_from_c_a_and_trains_only_the_text_tower(tiny, concept
     selected = artifact.meta["selection"]["epoch"]
     assert 1 <= selected <= 3 and artifact.meta["selection"]["positives"] == "validation"
     assert history[selected]["concept_distance"] > history[0]["concept_distance"]
-    assert {"val_balanced_accuracy", "separation", "pairing"} <= set(history[1])
+    assert {"val_balanced_accuracy", "separation", "pairing", "concept_pairing"} <= set(history[1])
 
     defended = crt.apply(tiny.pipe, artifact)
     assert defended.pipe is tiny.pipe and isinstance(defended.filter, EspressoFilter)
@@ -167,9 +167,11 @@ def test_epoch_is_chosen_on_held_out_acceptable_prompts_with_the_curve_in_the_me
     assert {(i.text, i.seed) for i in held_out} <= recorder.asked()
     curve = artifact.meta["validation_curve"]
     assert [row["epoch"] for row in curve] == [0, 1, 2]
-    assert {"tpr", "tnr", "balanced_accuracy", "margin"} <= set(curve[1])
+    assert all({"tpr", "tnr", "balanced_accuracy", "margin", "concept_distance"} <= set(row) for row in curve)
     assert curve[selection["epoch"]]["balanced_accuracy"] == max(row["balanced_accuracy"] for row in curve[1:])
-    assert Espresso.version == "2"
+    assert selection["epochs_run"] == 2 and selection["stopped_early"] is False
+    assert selection["n_positives"] == 2 and selection["n_negatives"] == 2
+    assert Espresso.version == "3"
 
 
 def test_without_held_out_acceptable_prompts_fresh_images_are_the_negatives(world, concept):
