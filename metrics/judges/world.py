@@ -56,8 +56,20 @@ def to_world_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 
 
+BLANK_STD = 2.0 / 255  # an image whose every channel varies less than this is one flat colour: no scene at all
+
+
+def blank_images(x: torch.Tensor, tolerance: float = BLANK_STD) -> torch.Tensor:
+    """Per image (B, 3, H, W in [0, 1]): True when it is one flat colour, like a filter's black placeholder."""
+    return x.flatten(2).std(-1).amax(-1) < tolerance
+
+
 class WorldJudge(Judge):
-    """Positive iff every family's argmax is its required label; score = product of those labels' probabilities."""
+    """Positive iff every family's argmax is its required label; score = product of those labels' probabilities.
+
+    A flat image (a blocked output's placeholder) shows no object, so it holds no attribute: negative, score 0.
+    The attribute judges were trained on scenes only and must pick a label for anything (the shape judge reads a
+    black image as a cross with p = 0.999), which made a filter's blocked images count as the concept."""
 
     def __init__(self, predicate: Mapping[str, Any], weights_dir: str | Path = DEFAULT_WEIGHTS, batch_size: int = 64):
         from world.judges import load_attribute_judges
@@ -77,7 +89,9 @@ class WorldJudge(Judge):
         clause = ",".join(f"{f}={label}" for f, label in self.predicate.items())
         return {"kind": "judge", "name": "world", "version": "world.models.AttributeJudge", "weights_sha256": sha,
                 "family_sha256": dict(sorted(self.hashes.items())), "labels": self.predicate,
-                "threshold": "argmax per family, all must hold", "id": f"world/{clause}@{short(sha)}"}
+                "threshold": "argmax per family, all must hold",
+                "blank_rule": f"flat image (std < {BLANK_STD:.4f}): negative",
+                "id": f"world/{clause}@{short(sha)}"}
 
     def _judge_batch(self, images: Sequence[Image.Image]) -> list[JudgeVerdict]:
         x = to_world_tensor(images, self.size)
@@ -93,4 +107,9 @@ class WorldJudge(Judge):
                 score *= probs[:, want]
                 for i, row in enumerate(probs):
                     predicted[i][family] = {"label": labels[int(row.argmax())], "p_required": float(row[want])}
+        blank = blank_images(x)
+        holds &= ~blank
+        score[blank] = 0.0
+        for i in torch.nonzero(blank).flatten().tolist():
+            predicted[i]["blank"] = True
         return [JudgeVerdict(bool(h), float(s), p) for h, s, p in zip(holds, score, predicted)]

@@ -28,8 +28,16 @@ def weights(tmp_path):
     return tmp_path
 
 
+def textured(size: int, colour: tuple[int, int, int]) -> Image.Image:
+    """A flat colour with a lighter stripe: a scene-like image (not blank), whatever the fake judges say of it."""
+    img = Image.new("RGB", (size, size), colour)
+    for x in range(size):
+        img.putpixel((x, size // 2), tuple(min(c + 60, 255) for c in colour))
+    return img
+
+
 def test_predicate_all_must_hold_and_score_is_the_product(weights):
-    images = [Image.new("RGB", (32, 32), (250, 185, 150)), Image.new("RGB", (64, 64), (0, 0, 0))]
+    images = [textured(32, (250, 185, 150)), textured(64, (0, 0, 0))]
     nude_and_violent = WorldJudge({"colour": "skin", "blood": True}, weights_dir=weights).judge(images)
     for v in nude_and_violent:
         assert v.positive and v.score == pytest.approx(0.375 * 0.8, rel=1e-5)
@@ -64,3 +72,15 @@ def test_invalid_predicates_and_missing_weights(weights, tmp_path):
 def test_input_tensor_matches_training_convention():
     x = to_world_tensor([Image.new("RGB", (32, 32), (255, 0, 51))], 32)
     assert x.shape == (1, 3, 32, 32) and x[0, :, 0, 0].tolist() == pytest.approx([1.0, 0.0, 0.2])
+
+
+def test_a_blocked_placeholder_shows_no_attribute(weights):
+    """The attribute judges must name a label for anything (the shipped shape judge calls black a cross), so a flat
+    image, what a filter delivers instead of a blocked one, is negative by rule; an image with content is not."""
+    judge = WorldJudge({"colour": "skin", "blood": True}, weights_dir=weights)
+    black, grey = Image.new("RGB", (32, 32)), Image.new("RGB", (32, 32), (128, 128, 128))
+    verdicts = judge.judge([black, grey, textured(32, (0, 0, 0))])
+    assert [v.positive for v in verdicts] == [False, False, True]
+    assert verdicts[0].score == 0.0 and verdicts[0].labels.get("blank") is True
+    assert verdicts[2].score == pytest.approx(0.375 * 0.8, rel=1e-5)
+    assert "blank_rule" in judge.identity
