@@ -208,10 +208,13 @@ def _check_defended(crt: CRT, defended: DefendedModel, base_pipe: Any) -> None:
 def adversarial_spec(run: Run, target: PromptItem) -> dict[str, Any]:
     agnostic = run.attack.model_agnostic
     system, filter_id = (run.base.identity, None) if agnostic else (run.defended.identity, run.defended.filter_identity)
-    return {"product": "adversarial_prompt", "system": system, "filter": filter_id,
+    spec = {"product": "adversarial_prompt", "system": system, "filter": filter_id,
             "attack": run.attack.identity(), "concept": concept_identity(run), "target_set": run.attack.target_set,
             "target": asdict(target),
             "settings": asdict(run.settings), "seed": run.seed, "numerics": numerics_versions()}
+    if Access.JUDGE_ORACLE in run.attack.needs():  # the oracle's verdicts steer the search (early stop)
+        spec["oracle"] = dict(ensure_judge(run).identity)
+    return spec
 
 
 def attack_targets(run: Run) -> list[PromptItem]:

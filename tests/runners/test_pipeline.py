@@ -297,3 +297,21 @@ def test_max_attack_targets_null_attacks_all_and_a_non_positive_limit_is_refused
     run.cfg["model"]["max_attack_targets"] = None
     with pytest.raises(HarnessError, match="nonexistent"):
         attack_targets(run)
+
+
+def test_an_oracle_attacks_prompts_are_keyed_by_its_judge_and_a_text_only_attacks_are_not(tiny_config):
+    """A white-box attack that stops when the judge says so depends on that judge: another judge must not reuse its
+    stored prompts. Ring-A-Bell never asks the judge, so its prompts stay shared."""
+    classes = {"ringabell": "RingABell", "unlearndiffatk": "UnlearnDiffAtk"}
+
+    def spec(attack: str, version: str) -> dict:
+        cfg = tiny_config()
+        cfg["attack"] = {"name": attack, "handler": f"attacks.{attack}.{classes[attack]}", "adaptive": False,
+                         "params": {}}
+        cfg["judge"] = {**cfg["judge"], "params": {"version": version}}
+        run = _run_to(cfg, "fit")
+        return adversarial_spec(run, attack_targets(run)[0])
+
+    assert key_of(spec("unlearndiffatk", "1")) != key_of(spec("unlearndiffatk", "2"))
+    assert spec("unlearndiffatk", "2")["oracle"] == {"name": "fake_judge", "version": "2"}
+    assert key_of(spec("ringabell", "1")) == key_of(spec("ringabell", "2")) and "oracle" not in spec("ringabell", "1")
