@@ -38,16 +38,25 @@ def execute(cfg: DictConfig | dict, root: Path = ROOT, pipelines: PipelineCache 
     stop_after = plain.get("stop_after", "report")
     if plain.get("skip_committed", True) and stop_after == "report" and (done := committed_result(run)):
         log.info("skipped: this run's result is already committed (%s); skip_committed=false runs it again", done)
+        board = done.parent.parent / "leaderboard.md"
+        _print_row(board if board.is_file() else None, plain, run)
+        log.info(run.counters.line())
         return {"counters": run.counters, "outputs": {"results": str(done)}, "metrics": {}, "timings": {},
                 "skipped": True}
     run_stages(run, stop_after)
     summary = {"counters": run.counters, "outputs": run.outputs, "metrics": run.metrics, "timings": run.timings}
-    if "leaderboard_md" in run.outputs:
-        markdown = Path(run.outputs["leaderboard_md"]).read_text()
-        row = row_for(markdown, plain["model"]["name"], run.crt.name, run.concept.key)
-        if row:
-            print(row, flush=True)
+    board = run.outputs.get("leaderboard_md")
+    _print_row(Path(board) if board else None, plain, run)
     return summary
+
+
+def _print_row(leaderboard: Path | None, cfg: dict, run) -> None:
+    """The leaderboard row of this run's CRT on its concept: what a user looks at first."""
+    if leaderboard is None:
+        return
+    row = row_for(leaderboard.read_text(), cfg["model"]["name"], run.crt.name, run.concept.key)
+    if row:
+        print(row, flush=True)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -61,6 +61,7 @@ def test_cli_run_on_a_local_folder_then_a_rerun_recomputes_nothing(sd14_shaped_f
     assert third.returncode == 0, third.stderr[-2000:]
     log = (tmp_path / "outputs" / "run.log").read_text()
     assert "skipped: this run's result is already committed" in log
+    assert "| none |" in third.stdout  # its row is still shown
     assert not list((tmp_path / "new_store").rglob("image.png"))
     # a different run (another seed) is not mistaken for it
     other = _run(*moved, "seed=1", f"hydra.run.dir={tmp_path / 'other'}", timeout=300)
