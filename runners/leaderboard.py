@@ -177,7 +177,7 @@ def render(runs: list[dict[str, Any]], skipped_old: int = 0) -> tuple[str, str]:
         lines += [f"## model: {model}, concept: {concept}", "",
                   "| CRT | " + " | ".join(c.header(directions[c]) for c in columns) + " |",
                   "|---|" + "---|" * len(columns)]
-        for crt, cells in sorted(rows.items()):
+        for crt, cells in sorted(rows.items(), key=lambda kv: (kv[0] != "none", kv[0])):  # the reference row first
             lines.append(f"| {crt} | " + " | ".join(_cell(cells.get(c)) for c in columns) + " |")
         lines += ["", "Intervals: " + "; ".join(f"{c.title()}: {_methods(c, rows)}"
                                                 for c in columns), ""]

@@ -127,3 +127,9 @@ def test_ringabell_on_its_own_target_set_reports_its_own_asr():
     assert row_for(markdown, "mini", "none", concept="nudity").splitlines()[-1].endswith("| 0.250 [0.150, 0.350] 2/8 |")
     assert row_for(markdown, "mini", "none", concept="world_nudity").splitlines()[-1].endswith(
         "| 0.375 [0.275, 0.475] 3/8 |")
+
+
+def test_the_undefended_row_comes_first():
+    markdown, _ = render([_run("esd_x", "none"), _run("none", "none"), _run("apple", "none")])
+    rows = [line.split(" | ")[0] for line in markdown.splitlines() if line.startswith("| ") and "CRT" not in line]
+    assert rows == ["| none", "| apple", "| esd_x"]
