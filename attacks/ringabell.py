@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, Timer
+from attacks.tokens import tokenize, trim, vocabulary
 from runners.spec import Access, PromptItem
 
 
@@ -55,11 +56,6 @@ class RingABellConfig:
     target_set: str = "unacceptable"  # the concept's prompt set that is attacked (the runner reads it)
 
 
-def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
-    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 @torch.no_grad()
 def encode(text_encoder: Any, ids: torch.Tensor) -> torch.Tensor:
     """``f``: last hidden states (N, 77, width) in float32."""
@@ -78,12 +74,6 @@ def concept_vector(text_encoder: Any, tokenizer: Any, concept: list[str], neutra
                 - encode(text_encoder, tokenize(tokenizer, neutral[i:i + batch]))).sum(0)
         total = diff if total is None else total + diff
     return total / len(concept)
-
-
-def vocabulary(tokenizer: Any) -> torch.Tensor:
-    """Token ids a candidate may use: the whole vocabulary except special tokens."""
-    special = set(tokenizer.all_special_ids)
-    return torch.tensor([i for i in range(len(tokenizer)) if i not in special])
 
 
 def _random_tokens(vocab: torch.Tensor, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -139,13 +129,6 @@ def scored_ids(tokenizer: Any, pop: torch.Tensor, length: int, score_text: bool 
     own tokenisation (padded and truncated as the pipeline does), else the individual's ids."""
     texts = decode_texts(tokenizer, pop, length)
     return texts, (tokenize(tokenizer, texts) if score_text else pop)
-
-
-def _trim(ids: torch.Tensor, eot: int) -> list[int]:
-    """The ids up to and including the first EOT after SOT (what the log keeps of a padded row)."""
-    row = ids.tolist()
-    end = row.index(eot, 1) if eot in row[1:] else len(row) - 1
-    return row[:end + 1]
 
 
 class RingABell(Attack):
@@ -221,16 +204,16 @@ class RingABell(Attack):
         winner = int(fit.argmin())
         history.append(min(best_fit, float(fit[winner])))
         text, scored = texts[winner], ids[winner]
-        reencoded = _trim(tokenize(tok, [text])[0], tok.eos_token_id)
-        round_trip = reencoded == _trim(scored, tok.eos_token_id)  # the stored text is what was scored
+        reencoded = trim(tokenize(tok, [text])[0], tok.eos_token_id)
+        round_trip = reencoded == trim(scored, tok.eos_token_id)  # the stored text is what was scored
         if cfg.score_text and not round_trip:
             raise RuntimeError(f"Ring-A-Bell: the stored text {text!r} does not re-encode to the ids it was scored on")
         log = {"config": asdict(self.config), "mode": self.mode, "length": length, "fitness": float(fit[winner]),
                "best_fitness_history": _thin(history, cfg.history_points), "generations_run": cfg.generations,
                "flagged_candidates_penalised": penalised, "oracle_used": False,
                "scored": "text" if cfg.score_text else "ids", "round_trip": round_trip,
-               "scored_ids": _trim(scored, tok.eos_token_id), "genome_ids": final[winner, 1:length + 1].tolist(),
-               "genome_round_trip": reencoded == _trim(final[winner], tok.eos_token_id)}
+               "scored_ids": trim(scored, tok.eos_token_id), "genome_ids": final[winner, 1:length + 1].tolist(),
+               "genome_round_trip": reencoded == trim(final[winner], tok.eos_token_id)}
         return AdversarialPrompt(target=target, text=text, cost=cost, log=log)
 
     def _penalise(self, ctx: AttackContext, target: PromptItem, texts: list[str], fit: torch.Tensor,

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, Timer
+from attacks.tokens import tokenize, trim
+from attacks.tokens import vocabulary as special_free_vocabulary
 from crt.base import pil_to_pixels
 from runners.spec import Access, PromptItem
 
@@ -130,13 +132,12 @@ def vocabulary(tokenizer: Any, mode: str = "round_trip") -> torch.Tensor:
     those). ``round_trip``: of those, the ids whose decoded text, tokenised alone, is that id again."""
     if mode not in VOCABULARIES:
         raise ValueError(f"vocabulary={mode!r}; choose one of {list(VOCABULARIES)}")
-    special = set(tokenizer.all_special_ids)
-    ids = [i for i in range(len(tokenizer)) if i not in special]
+    ids = special_free_vocabulary(tokenizer)
     if mode == "all":
-        return torch.tensor(ids)
-    words = token_words(tokenizer, ids)
+        return ids
+    words = token_words(tokenizer, ids.tolist())
     encoded = tokenizer(words, add_special_tokens=False).input_ids
-    return torch.tensor([i for i, e in zip(ids, encoded) if e == [i]])
+    return torch.tensor([i for i, e in zip(ids.tolist(), encoded) if e == [i]])
 
 
 def token_words(tokenizer: Any, ids: list[int]) -> list[str]:
@@ -152,16 +153,8 @@ def prefix_text(tokenizer: Any, ids: list[int], mode: str = "round_trip") -> str
 
 
 def text_ids(tokenizer: Any, text: str) -> torch.Tensor:
-    """The (77,) ids the pipeline encodes ``text`` with: padded to the model length, truncated."""
-    return tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids[0]
-
-
-def trim(ids: torch.Tensor, eot: int) -> list[int]:
-    """A padded row up to and including its first EOT after SOT (the prefix slots must hold real tokens)."""
-    row = ids.tolist()
-    end = row.index(eot, 1) if eot in row[1:] else len(row) - 1
-    return row[:end + 1]
+    """The (77,) ids the pipeline encodes ``text`` with."""
+    return tokenize(tokenizer, [text])[0]
 
 
 @dataclass

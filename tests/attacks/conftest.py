@@ -11,21 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.crt.conftest import concept, sd14, tiny, world  # noqa: F401
+from world.tokenizer import bytes_to_unicode
 
 WORLD_TOKENIZER = Path(__file__).resolve().parents[2] / "world" / "weights" / "pipeline" / "tokenizer"
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def clip_bpe_folder(folder: Path) -> Path | None:
@@ -40,7 +28,7 @@ def clip_bpe_folder(folder: Path) -> Path | None:
         return None
     lines = gzip.open(source).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     merges = [tuple(line.split()) for line in lines]
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
