@@ -84,6 +84,7 @@ class CRT(ABC):
     family: ClassVar[Family]
     exposes: ClassVar[frozenset[Access]]
     trains: ClassVar[str] = "nothing"
+    reconstruction: ClassVar[str | None] = None  # what is not from the paper or its code, when the method is rebuilt
     version: ClassVar[str] = "1"
 
     def __init__(self, **params: Any):

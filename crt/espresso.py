@@ -213,6 +213,8 @@ class Espresso(CRT):
     exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.UNERASED_MODEL,
                          Access.FILTER_SCORE, Access.FILTER_GRADIENTS})
     trains = "filter CLIP text tower (text_model)"
+    reconstruction = ("the fine-tuning objective (crts.md §1: separation + pairing, plus the c_u/c_a-image pairing "
+                      "term gamma); the released code's loss is not reproduced")
     # 2: images_per_caption; epoch chosen on held-out acceptable images; validation curve in the meta
     # 3: c_u, c_a paired with the images (gamma), so that their separation cannot leave every image on one side
     version = "3"

@@ -195,3 +195,9 @@ def test_images_per_caption_pairs_every_image_of_every_caption(world, concept):
     assert fresh <= recorder.asked()  # held-out negatives come after the three training images
     with pytest.raises(ValueError):
         Espresso(images_per_caption=0)
+
+
+def test_espresso_says_its_objective_is_a_reconstruction():
+    from crt.espresso import Espresso
+
+    assert "objective" in Espresso.reconstruction
