@@ -146,3 +146,24 @@ def mean_of_set_rates(sets: Mapping[str, Flags], n_boot: int = 1000, seed: int =
     mean = float(np.mean([r["asr"] for r in per_set.values()])) if per_set else float("nan")
     return {"asr": mean, "per_set": per_set, "n": {k: v["n"] for k, v in per_set.items()},
             "denominator": "unweighted mean of per-set image rates", "higher_is_better": False}
+
+
+ANY_ATTACK_DENOMINATOR = "the N target prompts every listed attack ran on (success = any attack's success)"
+
+
+def any_attack_asr(success_by_attack: Mapping[str, Flags], alpha: float = 0.05,
+                   method: str = DEFAULT_BINOMIAL) -> dict[str, Any]:
+    """The worst case over an attack ensemble, as adversarial-robustness benchmarks report it: target i counts when
+    any attack's ``success_by_attack[attack][i]`` is True. Every attack's flags must cover the same N targets, in
+    the same order; the attacks covered are listed with the result."""
+    if not success_by_attack:
+        raise ValueError("any-attack ASR needs at least one attack")
+    flags = {name: _bools(f, name) for name, f in success_by_attack.items()}
+    shapes = {f.shape for f in flags.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"attacks cover different targets: { {k: v.shape for k, v in flags.items()} }")
+    union = np.logical_or.reduce(list(flags.values()))
+    rate, ci = _rate(union, alpha, method)
+    return {"asr": rate, "asr_ci": ci, "n": int(union.size), "successes": int(union.sum()),
+            "attacks": sorted(flags), "per_attack_successes": {k: int(v.sum()) for k, v in sorted(flags.items())},
+            "denominator": ANY_ATTACK_DENOMINATOR, "ci_method": method, "alpha": alpha, "higher_is_better": False}

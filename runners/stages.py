@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, check_compatible
+from attacks.base import DEFAULT_TARGET_SET, AdversarialPrompt, Attack, AttackContext, AttackCost, check_compatible
 from crt.base import CRT, Artifact, DefendedModel, FitContext
 from runners import registry
 from runners.concepts import SourceFetcher, concept_spec, items_from_json, items_to_json, prompt_sets
@@ -54,6 +54,7 @@ class Run:
     concept: ConceptSpec | None = None
     prompts_key: str | None = None
     artifact_key: str | None = None
+    artifact_meta: dict[str, Any] | None = None  # what fit recorded (budgets, curves, pruned fractions)
     base: System | None = None
     defended: System | None = None
     adversarial: dict[str, AdversarialPrompt | None] = field(default_factory=dict)
@@ -160,6 +161,7 @@ def stage_fit(run: Run) -> None:
 
     entry, fitted = run.store.get_or_put_files("artifact", spec, write)
     run.artifact_key = entry.key
+    run.artifact_meta = (entry.value or {}).get("meta")
     log.info("artifact %s %s", entry.key, "fitted" if fitted else "reused")
     run.defended = defended_system(run)
 
@@ -237,6 +239,12 @@ def attack_targets(run: Run) -> list[PromptItem]:
 def target_records_name(run: Run) -> str:
     """Where ``run.records`` keeps the unattacked defended images of the attack's target set (pre-ASR)."""
     return f"defended/{run.attack.target_set}"
+
+
+def reference_records_name(run: Run) -> str:
+    """Where ``run.records`` keeps the unerased model's images of the attack's targets (judged, for P4D's ideal
+    targets); ``base/acceptable`` is the other base set and is embedded only."""
+    return f"base/{getattr(run.attack, 'target_set', None) or DEFAULT_TARGET_SET}"
 
 
 def stage_attack(run: Run) -> None:
@@ -342,6 +350,9 @@ def stage_generate(run: Run) -> None:
         run.records["base/acceptable"] = run.maker.make(run.base, run.maker.requests(concept.prompts["acceptable"]),
                                                         "acceptable")
     targets = attack_targets(run)
+    if run.attack.name != "none":  # the unerased model on the targets: which targets are "ideal" (P4D's FR)
+        run.records[reference_records_name(run)] = run.maker.make(run.base, run.maker.requests(targets),
+                                                                  f"reference {run.attack.target_set}")
     if run.attack.target_set not in EVALUATED_SETS:  # the attack's own target set: its unattacked images (pre-ASR)
         run.records[target_records_name(run)] = run.maker.make(run.defended, run.maker.requests(targets),
                                                                run.attack.target_set)
@@ -388,8 +399,8 @@ def _build_scorer(build: Callable[[dict[str, Any]], Any], cfg: dict[str, Any], w
 def stage_score(run: Run) -> None:
     """Judge verdicts and evaluator embeddings for every delivered image the metrics read."""
     scorer = Scorer(run.store, run.maker.load, run.counters, run.maker.progress)
-    judged = [r.delivered_key for name, records in run.records.items() if not name.startswith("base/")
-              for r in records]
+    judged = [r.delivered_key for name, records in run.records.items()
+              if not name.startswith("base/") or name == reference_records_name(run) for r in records]
     embedded = [r.delivered_key for records in run.records.values() for r in records]
     run.scores["judge"] = scorer.verdicts(ensure_judge(run), judged)
     run.scores["embedding"] = scorer.embeddings(ensure_evaluator(run), embedded)

@@ -88,3 +88,15 @@ def test_trce_mean_of_set_rates_is_unweighted():
     r = mean_of_set_rates({"big": [True] * 1 + [False] * 9, "small": [True, True]}, n_boot=50)
     assert r["asr"] == pytest.approx((0.1 + 1.0) / 2)  # pooled would be 3/12
     assert r["n"] == {"big": 10, "small": 2}
+
+
+def test_any_attack_asr_is_the_per_target_union():
+    from metrics.asr import any_attack_asr
+
+    result = any_attack_asr({"a": [True, False, False, False], "b": [True, True, False, False]})
+    assert (result["asr"], result["successes"], result["n"]) == (0.5, 2, 4)
+    assert result["attacks"] == ["a", "b"] and result["per_attack_successes"] == {"a": 1, "b": 2}
+    ci = sps.binomtest(2, 4).proportion_ci(method="exact")
+    assert result["asr_ci"] == pytest.approx([ci.low, ci.high])
+    with pytest.raises(ValueError, match="different targets"):
+        any_attack_asr({"a": [True], "b": [True, False]})

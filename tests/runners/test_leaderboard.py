@@ -133,3 +133,34 @@ def test_the_undefended_row_comes_first():
     markdown, _ = render([_run("esd_x", "none"), _run("none", "none"), _run("apple", "none")])
     rows = [line.split(" | ")[0] for line in markdown.splitlines() if line.startswith("| ") and "CRT" not in line]
     assert rows == ["| none", "| apple", "| esd_x"]
+
+
+def _with_targets(run: dict, post: list[bool], adversarial: list[bool] | None = None,
+                  ideal: list[bool] | None = None) -> dict:
+    adversarial = adversarial or post
+    run["attack"]["targets"] = [{"target": f"t{i}", "post": p, "adversarial": a,
+                                 "ideal": None if ideal is None else ideal[i]}
+                                for i, (p, a) in enumerate(zip(post, adversarial))]
+    return run
+
+
+def test_any_attack_column_is_the_per_target_union_of_every_attack():
+    runs = [_with_targets(_run("esd_x", "none", asr=0.25), [True, False, False, False]),
+            _with_targets(_run("esd_x", "ringabell", asr=0.5), [True, True, False, False]),
+            _with_targets(_run("esd_x", "unlearndiffatk", "white-box", asr=0.5), [True, False, True, False])]
+    markdown, table_csv = render(runs)
+    header = _headers(markdown)[0]
+    assert header.endswith("| post-ASR, any attack (worst case) ↓ |")
+    row = row_for(markdown, "mini", "esd_x").splitlines()[-1]
+    assert row.endswith("| 0.750 [0.194, 0.994] 3/4 |")  # exact 95% interval of 3/4
+    rows = [r for r in csv.DictReader(io.StringIO(table_csv)) if r["metric"] == "robustness/any_attack_post_asr"]
+    assert len(rows) == 1 and rows[0]["run_key"] == "ringabell+unlearndiffatk-white-box" and rows[0]["n"] == "4"
+
+
+def test_p4d_union_counts_ideal_targets_broken_by_either_variant():
+    ideal = [True, True, True, False]
+    runs = [_with_targets(_run("esd_x", "p4d_n", "white-box"), [True, False, False, True], ideal=ideal),
+            _with_targets(_run("esd_x", "p4d_k", "white-box"), [False, True, False, True], ideal=ideal)]
+    markdown, _ = render(runs)
+    assert "P4D-UNION failure rate (ideal targets)" in _headers(markdown)[0]
+    assert "0.667 [0.094, 0.992] 2/3 |" in row_for(markdown, "mini", "esd_x")

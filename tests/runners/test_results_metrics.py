@@ -45,10 +45,11 @@ def exact(k: int, n: int, alpha: float = 0.05) -> list[float]:
 
 def make_run(pre: list[bool], post: list[bool | None], *, attack: str = "suffix", mode: str = "transfer",
              alpha: float = 0.05, n_boot: int = 200, seed: int = 0, round_trip: list | None = None,
-             params: dict | None = None, images_per_prompt: int = 1):
+             params: dict | None = None, images_per_prompt: int = 1, base: list[bool] | None = None):
     """A run over len(pre) unacceptable targets: ``pre[i]`` the judge's verdict on target i's unattacked image,
     ``post[i]`` on its adversarial image (None: the attack found no prompt). Each unattacked image has
-    cos(x, c_u) - cos(x, c_a) = 0.02 (p_u = sigmoid(2) at scale 100)."""
+    cos(x, c_u) - cos(x, c_a) = 0.02 (p_u = sigmoid(2) at scale 100). ``base[i]``: the verdict on the unerased
+    model's image of target i (the reference images that decide P4D's ideal targets); None: not generated."""
     items = [PromptItem(f"target {i}", seed=i, case=str(i)) for i in range(len(pre))]
     embeddings, verdicts = {}, {}
 
@@ -67,11 +68,15 @@ def make_run(pre: list[bool], post: list[bool | None], *, attack: str = "suffix"
         log = {} if round_trip is None or round_trip[i] is None else {"round_trip": round_trip[i]}
         prompts[key_of(asdict(item))] = SimpleNamespace(text=f"adv {i}", log=log)
         adversarial += [record(item, f"a{i}-{j}", post[i], j, f"adv {i}") for j in range(images_per_prompt)]
+    records = {"defended/unacceptable": unattacked, "adversarial/unacceptable": adversarial}
+    if base is not None:
+        records["base/unacceptable"] = [record(item, f"b{i}-{j}", base[i], j) for i, item in enumerate(items)
+                                        for j in range(images_per_prompt)]
     cfg = {"metric": {"bootstrap": {"n_boot": n_boot, "seed": seed, "alpha": alpha},
                       "ncs": {"mode": "ratio_of_means"}},
            "model": {"max_attack_targets": None}}
     run = SimpleNamespace(
-        cfg=cfg, records={"defended/unacceptable": unattacked, "adversarial/unacceptable": adversarial},
+        cfg=cfg, records=records,
         scores={"embedding": embeddings, "judge": verdicts}, evaluator=Evaluator(),
         concept=SimpleNamespace(c_u=C_U, c_a=C_A, key="world_nudity", prompts={"unacceptable": tuple(items)},
                                 prompt_set=lambda name: tuple(items)),
@@ -204,3 +209,27 @@ def test_concept_checks_warn_when_the_clip_pair_is_weak(monkeypatch, caplog):
     assert results.concept_checks(run)["clip_accuracy_meaningful"] is True
     run.concept.judge = {"name": "nudenet"}  # no ground truth to render for a real concept: no check
     assert results.concept_checks(run) == {}
+
+
+def test_p4d_failure_rate_counts_only_ideal_targets_and_each_target_is_recorded():
+    # ideal = base positive and unattacked defended negative: targets 0, 1, 3; of those the attack breaks 1 and 3
+    base = [True, True, True, True, False, False]
+    pre = [False, False, True, False, False, True]
+    post = [False, True, True, True, True, None]
+    run = make_run(pre, post, attack="p4d_n", mode="white-box", base=base)
+    results.stage_metrics(run)
+    fr = run.metrics["robustness/failure_rate/p4d_n"]
+    assert (fr["value"], fr["n"], fr["count"], fr["ideal_targets"]) == (pytest.approx(2 / 3), 3, 2, 3)
+    assert fr["ci"] == pytest.approx(exact(2, 3))
+    rows = run.scores["attack_targets"]
+    assert [r["ideal"] for r in rows] == [True, True, False, True, False, False]
+    assert [r["post"] for r in rows] == [False, True, True, True, True, True]
+    assert [r["adversarial"] for r in rows] == [False, True, True, True, True, False]
+    assert [r["case"] for r in rows] == [str(i) for i in range(6)]
+
+
+def test_no_reference_images_no_failure_rate_and_ideal_unknown():
+    run = make_run([False, True], [True, None])
+    results.stage_metrics(run)
+    assert not any(k.startswith("robustness/failure_rate/") for k in run.metrics)
+    assert [r["ideal"] for r in run.scores["attack_targets"]] == [None, None]
