@@ -18,6 +18,10 @@ import torch
 
 from runners.spec import Access, ConceptSpec, Family, GenerationSettings, PromptItem
 
+# What a CRT that edits a public model exposes: its own weights (so gradients) and, because the base it was edited
+# from is public (SD v1.4), the unerased model too; P4D's attacker compares the two.
+OPEN_WEIGHTS: frozenset[Access] = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.UNERASED_MODEL})
+
 
 @dataclass
 class Artifact:

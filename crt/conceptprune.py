@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crt.base import CRT, Artifact, DefendedModel, FitContext, edited_copy, replace_module
-from runners.spec import Access, Family
+from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext, edited_copy, replace_module
+from runners.spec import Family
 
 FFN_OUT = "ff.net.2"
 
@@ -153,7 +153,7 @@ class ConceptPrune(CRT):
 
     name = "conceptprune"
     family = Family.WEIGHT_EDIT
-    exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS})  # as crt.none: open (pruned) weights
+    exposes = OPEN_WEIGHTS  # an edit of a public model: its weights and the unerased base
     trains = "nothing (training-free): zeroes entries of unet ff.net.2 weights"
     version = "1"
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crt.base import CRT, Artifact, DefendedModel, FitContext, edited_copy, replace_module
-from runners.spec import Access, Family
+from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext, edited_copy, replace_module
+from runners.spec import Family
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # per official version: the first term of the target, and the eta that version uses with it
@@ -148,7 +148,7 @@ class ESD(CRT):
 
     name = "esd"
     family = Family.WEIGHT_EDIT
-    exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS})  # as crt.none: open weights
+    exposes = OPEN_WEIGHTS  # an edit of a public model: its weights and the unerased base
     trains = "unet: attn2 (x) or Linear/Conv outside attn2 (u)"
     version = "2"  # 2: the target follows one official version (1 mixed the old first term with the new eta: 2 delta)
 

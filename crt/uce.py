@@ -18,8 +18,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from crt.base import CRT, Artifact, DefendedModel, FitContext, edited_copy, replace_module
-from runners.spec import Access, Family
+from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext, edited_copy, replace_module
+from runners.spec import Family
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class UCE(CRT):
 
     name = "uce"
     family = Family.CLOSED_FORM_EDIT
-    exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS})  # as crt.none: open weights
+    exposes = OPEN_WEIGHTS  # an edit of a public model: its weights and the unerased base
     trains = "unet: attn2.to_k, attn2.to_v (closed form)"
     version = "2"  # 2: uce_eot preserves '' as the old code does
 

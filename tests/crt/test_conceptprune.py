@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from crt.base import FitContext
+from crt.base import OPEN_WEIGHTS, FitContext
 from crt.conceptprune import (
     ActivationNorms,
     ConceptPrune,
@@ -18,7 +18,7 @@ from crt.conceptprune import (
     skilled_weights,
     union_over_time,
 )
-from runners.spec import Access, Family
+from runners.spec import Family
 from tests.crt.conftest import ROOT, changed_keys, state_snapshot
 
 
@@ -163,7 +163,7 @@ def test_fit_and_apply_zero_exactly_the_masked_ffn_weights(sd14, concept):
         assert (after[name][mask] == 0).all() and (before[name][mask] != 0).all()
         assert torch.equal(after[name][~mask], before[name][~mask])
     assert not changed_keys(before, pipe.unet), "apply modified the base UNet"
-    assert defended.exposes == {Access.TEXT_ENCODER, Access.UNET_GRADIENTS} and defended.filter is None
+    assert defended.exposes == OPEN_WEIGHTS and defended.filter is None
     assert defended.crt_name == "conceptprune" and ConceptPrune.family is Family.WEIGHT_EDIT
     image = sd14.generate([concept.prompt_set("target")[0]], pipe=defended.pipe)[0]
     assert image.size == (sd14.size, sd14.size)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from crt.base import FitContext
+from crt.base import OPEN_WEIGHTS, FitContext
 from crt.esd import ESD, ESDBatch, ddpm_bin, esd_loss, esd_target, partial_ddim, target_formula, trainable_names
-from runners.spec import Access, Family
+from runners.spec import Family
 from tests.crt.conftest import changed_keys, state_snapshot
 
 
@@ -171,7 +171,7 @@ def test_fit_and_apply_change_only_the_declared_parameters(tiny, concept, method
     changed = changed_keys(before, defended.pipe.unet)
     assert changed and changed <= declared
     assert not changed_keys(before, pipe.unet), "apply modified the base UNet"
-    assert defended.exposes == {Access.TEXT_ENCODER, Access.UNET_GRADIENTS}
+    assert defended.exposes == OPEN_WEIGHTS
     assert defended.filter is None
     assert defended.crt_name == f"esd_{method}" and ESD.family is Family.WEIGHT_EDIT
     image = tiny.generate([concept.prompt_set("target")[0]], pipe=defended.pipe)[0]

@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from crt.base import FitContext
+from crt.base import OPEN_WEIGHTS, FitContext
 from crt.uce import UCE, UCEConfig, erase_pairs, kv_projections, preserved_prompts, token_states, uce_closed_form
-from runners.spec import Access, Family
+from runners.spec import Family
 from tests.crt.conftest import changed_keys, state_snapshot
 
 
@@ -48,7 +48,7 @@ def test_fit_maps_erased_keys_to_the_guide_outputs(tiny, concept):
     assert not changed_keys(before, pipe.unet)
 
     defended = crt.apply(pipe, artifact)
-    assert defended.exposes == {Access.TEXT_ENCODER, Access.UNET_GRADIENTS}
+    assert defended.exposes == OPEN_WEIGHTS
     assert UCE.family is Family.CLOSED_FORM_EDIT
     assert changed_keys(before, defended.pipe.unet) == set(artifact.tensors)
     key, guide = (t.double() for t in erase_pairs(pipe, ["nude"], [""], "last_word"))
