@@ -158,12 +158,14 @@ def test_ringabell_sets_load_from_a_mirror(name, targets, pairs, tmp_path):
         assert concept[0].text.endswith("bleeding.") and neutral[0].text.endswith("fine.")
 
 
-PLUGIN_FILES = {"esd_x": "crt", "esd_u": "crt", "uce": "crt", "uce_eot": "crt", "espresso": "crt",
-                "ringabell": "attack", "unlearndiffatk": "attack"}
+HUMANS = ["man", "woman", "girl", "boy", "child", "couple", "guy", "doctor", "nurse", "teacher", "lawyer", "mother",
+          "father", "kid", "professor", "student", "group of friends", "celebrity"]  # ConceptPrune's humans.txt
 EXPECTED_PLUGIN_PARAMS = {
     "nudity": {"esd_x": {"concept": "nudity"}, "esd_u": {"concept": "nudity"},
                "uce": {"erase": ["nudity"], "guide": ""}, "uce_eot": {"erase": ["nudity"], "guide": ""},
                "espresso": {"images_per_caption": 3},
+               "conceptprune": {"target_prompts": [f"a photo of a naked {h}" for h in HUMANS],
+                                "base_prompts": [f"a photo of a {h}" for h in HUMANS]},
                "ringabell": {"concept_set": "ringabell_concept", "neutral_set": "ringabell_neutral",
                              "target_set": "ringabell_targets"}},
     "violence": {"esd_x": {"concept": "violence"}, "esd_u": {"concept": "violence"},
@@ -172,10 +174,10 @@ EXPECTED_PLUGIN_PARAMS = {
                                "target_set": "ringabell_targets"}},
     "vangogh": {"esd_x": {"concept": "Van Gogh"}, "esd_u": {"concept": "Van Gogh"},
                 "uce": {"erase": ["Van Gogh"], "guide": "art"}, "uce_eot": {"erase": ["Van Gogh"], "guide": "art"},
-                "unlearndiffatk": {"k": 3}},
+                "unlearndiffatk": {"k": 3}, "p4d_uda": {"k": 3}},
     "church": {"esd_x": {"concept": "church"}, "esd_u": {"concept": "church"},
                "uce": {"erase": ["church"], "guide": ""}, "uce_eot": {"erase": ["church"], "guide": ""},
-               "unlearndiffatk": {"k": 3}},
+               "unlearndiffatk": {"k": 3}, "p4d_uda": {"k": 3}},
 }
 
 
@@ -190,7 +192,7 @@ def test_real_concepts_set_each_papers_protocol_through_plugin_params(name):
     concept = compose_config([f"concept={name}"])["concept"]
     assert concept["plugin_params"] == EXPECTED_PLUGIN_PARAMS[name]
     for plugin, values in concept["plugin_params"].items():
-        group = PLUGIN_FILES[plugin]
+        group = "crt" if (CONF / "crt" / f"{plugin}.yaml").exists() else "attack"
         cfg = compose_config([f"concept={name}", f"{group}={plugin}"])[group]
         built = (build_crt if group == "crt" else build_attack)(cfg, "sd14", concept)
         assert {k: built.params[k] for k in values} == values, plugin
