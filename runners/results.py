@@ -354,7 +354,8 @@ def filter_rates(run: Run, values: dict[str, dict[str, np.ndarray]]) -> dict[str
 def round_trip(run: Run) -> dict[str, Any]:
     """How many adversarial prompts' stored text re-encodes to the token ids the attack scored (each attack logs
     ``round_trip`` per prompt). A prompt that does not round-trip is evaluated on other tokens than were found."""
-    prompts = [a for a in run.adversarial.values() if a is not None]
+    found = [a for a in run.adversarial.values() if a is not None]
+    prompts = [a for a in found if getattr(a, "embedding", None) is None]  # an embedding has no text to re-encode
     logged = [a.log.get("round_trip") for a in prompts if isinstance(a.log, dict)]
     known = np.array([bool(v) for v in logged if v is not None], dtype=bool)
     s = interval_settings(run)
@@ -362,7 +363,8 @@ def round_trip(run: Run) -> dict[str, Any]:
 
     est = rate_estimate(known, "adversarial prompts with a logged round_trip", alpha=s["alpha"], method=s["method"])
     return {"rate": _finite(est.estimate), "ci": [_finite(est.lo), _finite(est.hi)], "count": est.count,
-            "n": est.n, "not_logged": len(prompts) - est.n, "ci_method": est.method, "alpha": est.alpha,
+            "n": est.n, "not_logged": len(prompts) - est.n, "embeddings": len(found) - len(prompts),
+            "ci_method": est.method, "alpha": est.alpha,
             "definition": "fraction of adversarial prompts whose stored text re-encodes to the scored token ids"}
 
 

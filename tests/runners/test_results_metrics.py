@@ -233,3 +233,10 @@ def test_no_reference_images_no_failure_rate_and_ideal_unknown():
     results.stage_metrics(run)
     assert not any(k.startswith("robustness/failure_rate/") for k in run.metrics)
     assert [r["ideal"] for r in run.scores["attack_targets"]] == [None, None]
+
+
+def test_round_trip_leaves_soft_embeddings_out():
+    run = make_run([False, False], [True, True], round_trip=[True, None])
+    list(run.adversarial.values())[1].embedding = torch.zeros(77, 4)
+    rt = results.round_trip(run)
+    assert (rt["n"], rt["count"], rt["not_logged"], rt["embeddings"]) == (1, 1, 0, 1)
