@@ -13,4 +13,5 @@ wait $clip
 wait $vae
 $PY -m world.train --stage eval_clip --threads 2 "$@"
 $PY -m world.train --stage unet --threads 2 "$@"
+$PY -m world.reward --threads 1  # ShieldDiff's reward classifier (not a judge), about 4 CPU-min
 $PY -m world.manifest

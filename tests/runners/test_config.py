@@ -106,3 +106,18 @@ def test_concept_plugin_params_override_model_block_and_cannot_invent_params():
     assert build_attack(cfg, "mini", {"key": "other"}).params == {"k": 4, "t_step": 100}
     with pytest.raises(HarnessError, match="unknown params"):
         build_attack(cfg, "mini", {"key": "bad", "plugin_params": {"unlearndiffatk": {"typo": 1}}})
+
+
+def test_every_weight_edit_exposes_the_unerased_model():
+    """An edit of a public model leaves the public base available: P4D's attacker needs both (a CRT that forgot
+    it refused every P4D run)."""
+    from runners import registry
+    from runners.spec import Access, Family
+
+    edits = 0
+    for option in available("crt"):
+        crt = registry.build_crt(compose_config([f"crt={option}"])["crt"], "mini")
+        if crt.family in (Family.WEIGHT_EDIT, Family.CLOSED_FORM_EDIT):
+            edits += 1
+            assert Access.UNERASED_MODEL in crt.exposes, option
+    assert edits >= 4
