@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from crt.base import FitContext
+from crt.base import OPEN_WEIGHTS, FitContext
 from crt.trce import TRCE, TRCEStage1, quirks
 from crt.trce.stage1 import (
     Stage1Config,
@@ -32,7 +32,7 @@ from crt.trce.stage2 import (
     stored_index,
 )
 from crt.uce import kv_projections
-from runners.spec import Access, Family
+from runners.spec import Family
 from tests.crt.conftest import ROOT, changed_keys, state_snapshot
 
 SPLIT = "a snapshot of a nude circle"  # 'snapshot' is 5 BPE tokens of the world tokenizer (s n ap s hot)
@@ -283,8 +283,7 @@ def test_stage1_fit_and_apply_change_only_attn2_kv(sd14, concept):
     defended = crt.apply(pipe, artifact)
     assert changed_keys(before, defended.pipe.unet) == declared
     assert not changed_keys(before, pipe.unet), "apply modified the base UNet"
-    assert defended.pipe.text_encoder is pipe.text_encoder and defended.exposes == {Access.TEXT_ENCODER,
-                                                                                    Access.UNET_GRADIENTS}
+    assert defended.pipe.text_encoder is pipe.text_encoder and defended.exposes == OPEN_WEIGHTS
     assert TRCEStage1.family is Family.CLOSED_FORM_EDIT and defended.crt_name == "trce_stage1"
 
 
