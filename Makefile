@@ -30,12 +30,15 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 WORLD_CONCEPTS := $(shell ls conf/concept/world_*.yaml | sed 's|.*/||; s|\.yaml$$||' | paste -sd, -)
-leaderboard: $(STAMP)  ## every world concept x CRT x attack (resumable: stored products are reused), then the table
-	$(PY) run.py -m concept=$(WORLD_CONCEPTS) crt=none,espresso,esd_x,esd_u,uce,uce_eot attack=none,ringabell,unlearndiffatk \
+CRTS ?= none,espresso,esd_x,esd_u,uce,uce_eot,ca,ca_noise,trce_stage1,trce,p_esd,p_ca,conceptprune,shielddiff
+ATTACKS ?= none,ringabell,unlearndiffatk
+leaderboard: $(STAMP)  ## every world concept x CRT x attack (resumable; committed run keys are skipped), then the tables
+	$(PY) run.py -m concept=$(WORLD_CONCEPTS) crt=$(CRTS) attack=$(ATTACKS) \
 		progress=false results.leaderboard=false
 	$(PY) run.py -m concept=$(WORLD_CONCEPTS) crt=espresso attack=ringabell,unlearndiffatk attack.adaptive=true \
 		progress=false results.leaderboard=false
 	$(PY) -m runners.leaderboard results
+	$(PY) -m runners.claims results > /dev/null
 
 leaderboard-table: $(STAMP)  ## only rebuild results/leaderboard.md and .csv from results/runs/*.json
 	$(PY) -m runners.leaderboard results

@@ -6,7 +6,8 @@ a list of comparisons between two CRT rows of the leaderboard (same model and co
 from the two 95% intervals the results carry:
 
 - "lower" holds when A's interval lies wholly below B's, does not hold when A's value is not below B's (no effect
-  in the claimed direction, e.g. both at 1.0), and is inconclusive when A is lower but the intervals overlap;
+  in the claimed direction, e.g. both at 1.0), and is inconclusive when A is lower but the intervals overlap or
+  both are at 0 (nothing left to lower);
 - "similar" (utility kept) holds when the intervals overlap and does not hold when they are disjoint.
 
 A claim holds on a concept when every comparison holds, does not hold when any does not, and is inconclusive
@@ -100,7 +101,8 @@ def judge_comparison(a: dict[str, Any] | None, b: dict[str, Any] | None, relatio
     (a_lo, a_hi), (b_lo, b_hi) = a["ci"], b["ci"]
     disjoint_below, disjoint_above = a_hi < b_lo, a_lo > b_hi
     if relation == "lower":
-        return HOLDS if disjoint_below else FAILS if disjoint_above or a["value"] >= b["value"] else OPEN
+        no_effect = a["value"] > b["value"] or (a["value"] == b["value"] and b["value"] > 0)
+        return HOLDS if disjoint_below else FAILS if disjoint_above or no_effect else OPEN
     if relation == "similar":
         return FAILS if disjoint_below or disjoint_above else HOLDS
     raise ValueError(f"unknown relation {relation!r}")

@@ -102,8 +102,9 @@ class ShieldDiff(CRT):
     reconstruction = ("all but 'DDPO + LoRA, NudeNet + CLIP reward' (the paper is an abstract; crts.md §10): DDPO as "
                       "Black et al. (DDIM eta 1, per-step clipped ratio, per-prompt normalised advantage), LoRA "
                       "rank 4 on every attention projection, reward -w_n * concept score + w_c * max(cos, 0) with "
-                      "w_n = w_c = 1 on SD, fine-tuning captions as prompts; the world's reward is a separate "
-                      "classifier (world.reward), not its judge")
+                      "w_n = w_c = 1 on SD, fine-tuning captions as prompts; on the world the concept score is a "
+                      "separate reward classifier's P(judge predicate) at temperature 4 (not the judge), w_c 0.1, "
+                      "and a scaled-down budget (conf/crt/shielddiff.yaml)")
     version = "1"
 
     def __init__(self, **params: Any):

@@ -18,6 +18,7 @@ def _m(value: float, lo: float, hi: float, count: int | None = None, n: int = 32
     (_m(0.3, 0.1, 0.5), _m(0.5, 0.3, 0.7), "lower", OPEN),
     (_m(1.0, 0.89, 1.0), _m(1.0, 0.89, 1.0), "lower", FAILS),  # no effect at all
     (_m(0.55, 0.4, 0.7), _m(0.5, 0.3, 0.7), "lower", FAILS),
+    (_m(0.0, 0.0, 0.11), _m(0.0, 0.0, 0.11), "lower", OPEN),  # both at the floor: nothing to lower
     (_m(0.95, 0.9, 1.0), _m(1.0, 0.98, 1.02), "similar", HOLDS),
     (_m(0.7, 0.6, 0.8), _m(1.0, 0.98, 1.02), "similar", FAILS),
     (None, _m(1.0, 0.98, 1.02), "similar", "missing"),
