@@ -78,7 +78,7 @@ def test_noise_based_target_is_the_noise():
     unet = AffineUNet()
     assert torch.equal(ca_target(unet, _batch(), "noise-based"), _batch().target)
     loss = ca_loss(unet, _batch(), "noise-based")
-    assert float(loss) == pytest.approx(2 * (6.5 - 0.5) ** 2)  # 8 x 36 / 4
+    assert loss.item() == pytest.approx(2 * (6.5 - 0.5) ** 2)  # 8 x 36 / 4
     assert _grads(loss, unet) == pytest.approx((8 * 2 * 6 * 1 / 4, 8 * 2 * 6 * 3 / 4))
     with pytest.raises(ValueError):
         ca_target(unet, _batch(), "kl")
@@ -90,7 +90,7 @@ def test_prior_preservation_adds_the_weighted_per_element_mse_to_the_noise(loss_
     # prior: x' = 2, c' = 1 -> eps = 1 + 2 = 3 against noise 1: per-element mean 4, weight 0.5 -> 2
     batch = _batch(prior_x_t=torch.full((1, 2, 2, 2), 2.0), prior_t=torch.tensor([20]),
                    prior_target=torch.ones(1, 2, 2, 2), prior_cond=_text(1.0))
-    assert float(ca_loss(unet, batch, loss_type, prior_loss_weight=0.5)) == pytest.approx(instance + 2.0)
+    assert ca_loss(unet, batch, loss_type, prior_loss_weight=0.5).item() == pytest.approx(instance + 2.0)
 
 
 def test_instance_reduction_and_border_mask_follow_the_official_code():
