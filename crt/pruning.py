@@ -128,7 +128,8 @@ def esd_eraser(ctx: FitContext, params: dict[str, Any], gen: torch.Generator) ->
     return Eraser(batches=esd._batches(ctx, cond, uncond, gen),
                   loss=lambda unet, batch: esd_loss(unet, frozen, batch, esd.eta, cfg.target),
                   steps=cfg.iterations,
-                  meta={"eraser": esd.identity(), "concept_text": text, "target": target_formula(cfg.target, esd.eta)})
+                  meta={"eraser": {"crt": "esd", "version": esd.version}, "concept_text": text,
+                        "target": target_formula(cfg.target, esd.eta)})
 
 
 def ca_eraser(ctx: FitContext, params: dict[str, Any], gen: torch.Generator) -> Eraser:
@@ -140,8 +141,8 @@ def ca_eraser(ctx: FitContext, params: dict[str, Any], gen: torch.Generator) -> 
     return Eraser(batches=ca.batches(ctx, data, gen),
                   loss=lambda unet, batch: ca_loss(unet, batch, cfg.loss_type, cfg.prior_loss_weight),
                   steps=cfg.max_train_steps,
-                  meta={"eraser": ca.identity(), **{k: described[k] for k in ("objective", "anchor_images",
-                                                                              "anchor_prompts", "pairs_head")}})
+                  meta={"eraser": {"crt": "ca", "version": ca.version},
+                        **{k: described[k] for k in ("objective", "anchor_images", "anchor_prompts", "pairs_head")}})
 
 
 ERASER_BUILDERS: dict[str, Callable[[FitContext, dict[str, Any], torch.Generator], Eraser]] = {
@@ -165,8 +166,12 @@ class MaskedEraser(CRT):
         self.config = PruningConfig(**params)
         if self.config.eraser not in ERASERS:
             raise ValueError(f"pruning eraser must be one of {ERASERS}, got {self.config.eraser!r}")
-        (ESD if self.config.eraser == "esd" else CA)(**self.config.eraser_params)  # its params fail here, not in fit
-        self.name = f"p_{self.config.eraser}"
+        self.eraser_version = (ESD if self.config.eraser == "esd" else CA)(**self.config.eraser_params).version
+        self.name = f"p_{self.config.eraser}"  # the eraser's params fail above, not in fit
+
+    def identity(self) -> dict[str, Any]:
+        """The eraser's code version changes the artifact too."""
+        return {**super().identity(), "eraser_version": self.eraser_version}
 
     def fit(self, ctx: FitContext) -> Artifact:
         cfg = self.config

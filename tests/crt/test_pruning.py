@@ -140,6 +140,11 @@ def test_eraser_params_are_checked_when_built():
         MaskedEraser(eraser="ca", eraser_params={"iterations": 1})  # ESD's name, not CA's
     with pytest.raises(ValueError):
         MaskedEraser(eraser="uce")
+    from crt.ca import CA
+    from crt.esd import ESD
+
+    assert MaskedEraser(eraser="esd").identity()["eraser_version"] == ESD.version
+    assert MaskedEraser(eraser="ca").identity()["eraser_version"] == CA.version
 
 
 @pytest.mark.parametrize("name", ["p_esd", "p_ca"])
