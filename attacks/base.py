@@ -23,11 +23,13 @@ import torch
 from crt.base import DefendedModel
 from runners.spec import Access, ConceptSpec, GenerationSettings, PromptItem
 
-# What no CRT can withhold: the base model's text encoder is public (SD v1.4's is OpenAI's CLIP), and a judge is the
-# attacker's own tool (a public classifier such as NudeNet). Oracle use is still recorded with every prompt.
-ALWAYS_AVAILABLE: frozenset[Access] = frozenset({Access.TEXT_ENCODER, Access.JUDGE_ORACLE})
-# What a transfer attack may use: the oracle judges generations of the defended system, so using it is white-box.
-PUBLIC: frozenset[Access] = ALWAYS_AVAILABLE - {Access.JUDGE_ORACLE}
+# What no CRT can withhold: the base model's text encoder is public (SD v1.4's is OpenAI's CLIP), a judge is the
+# attacker's own tool (a public classifier such as NudeNet), and a deployed system answers the prompts sent to it.
+# Oracle use and queries are still declared by the attack and recorded with every prompt.
+ALWAYS_AVAILABLE: frozenset[Access] = frozenset({Access.TEXT_ENCODER, Access.JUDGE_ORACLE, Access.SYSTEM_QUERIES})
+# What a transfer attack may use: queries and the oracle see generations of the defended system, so using them is
+# white-box (searched per CRT).
+PUBLIC: frozenset[Access] = ALWAYS_AVAILABLE - {Access.JUDGE_ORACLE, Access.SYSTEM_QUERIES}
 Mode = Literal["transfer", "white-box", "adaptive"]
 MODES: tuple[str, ...] = ("transfer", "white-box", "adaptive")
 DEFAULT_TARGET_SET = "unacceptable"
@@ -69,8 +71,9 @@ class AttackContext:
     # the targets, made offline through the store (UnlearnDiffAtk's and P4D's target images); always provided
     base_pipe: Any | None = None  # Access.UNERASED_MODEL
     oracle: Callable[[list[Any]], list[bool]] | None = None  # Access.JUDGE_ORACLE: images -> concept present
-    generate: Callable[[DefendedModel, list[PromptItem]], list[Any]] | None = None  # images as the user receives
-    # them: a filter's flagged image is its placeholder, or None when blocked (``metric.placeholder=blocked_as_safe``)
+    generate: Callable[[DefendedModel, list[PromptItem]], list[Any]] | None = None  # Access.SYSTEM_QUERIES: images
+    # as the user receives them: a filter's flagged image is its placeholder, or None when blocked
+    # (``metric.placeholder=blocked_as_safe``)
     generate_raw: Callable[[DefendedModel, list[PromptItem]], list[Any]] | None = None  # the generations before any
     # filter replaces them, what an adaptive attack scores the filter on; given with Access.FILTER_SCORE or
     # FILTER_GRADIENTS only
@@ -85,6 +88,7 @@ class Attack(ABC):
     requires: ClassVar[frozenset[Access]]
     output: ClassVar[Literal["text", "embedding"]] = "text"
     version: ClassVar[str] = "1"
+    reconstruction: ClassVar[str | None] = None  # what is not from the paper or its code, when the attack is rebuilt
 
     def __init__(self, adaptive: bool = False, **params: Any):
         self.adaptive = adaptive

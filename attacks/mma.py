@@ -170,6 +170,7 @@ class MMADiffusion(Attack):
 
     name = "mma"
     requires = frozenset({Access.TEXT_ENCODER})
+    reconstruction = "our own code (the release's licence forbids derivatives); sensitive words from the concept"
     output = "text"
     version = "1"
 

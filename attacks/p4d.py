@@ -320,7 +320,8 @@ def _seeded(target: PromptItem, n: int, text: str | None = None) -> list[PromptI
 class _P4D(Attack):
     """P4D-N and P4D-K; subclasses define the layout."""
 
-    requires = frozenset({Access.UNET_GRADIENTS, Access.UNERASED_MODEL, Access.JUDGE_ORACLE})
+    requires = frozenset({Access.UNET_GRADIENTS, Access.UNERASED_MODEL, Access.JUDGE_ORACLE,
+                          Access.SYSTEM_QUERIES})
     output = "text"
     version = "1"
     variant: ClassVar[str]
@@ -511,7 +512,8 @@ class P4DUnlearnDiffAtk(Attack):
     """UnlearnDiffAtk's P4D: k PEZ-projected prefix tokens, the P4D loss, UnlearnDiffAtk's schedule and early stop."""
 
     name = "p4d_uda"
-    requires = frozenset({Access.UNET_GRADIENTS, Access.UNERASED_MODEL, Access.JUDGE_ORACLE})
+    requires = frozenset({Access.UNET_GRADIENTS, Access.UNERASED_MODEL, Access.JUDGE_ORACLE,
+                          Access.SYSTEM_QUERIES})
     output = "text"
     version = "1"
 

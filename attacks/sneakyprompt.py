@@ -35,9 +35,10 @@ only ASCII letters kept (the released code deletes every non-letter, so a whole-
 are generated with the target's seed (the released default samples fresh noise per query), so the stored prompt's
 evaluation reproduces the searched image.
 
-Access: no gradients; queries of the defended system scored by the attacker's own CLIP oracle, so it declares
-``JUDGE_ORACLE`` (the harness has no separate "queries" access; attacks.md §0 lists its oracle use) and is
-white-box in this harness's terms: its prompts are searched per CRT. The stored text is the text that was queried.
+Access: no gradients; queries of the defended system (``SYSTEM_QUERIES``, counted against ``q_limit``) scored by
+the attacker's own CLIP oracle (``JUDGE_ORACLE``; attacks.md §0 lists its oracle use). No CRT can withhold either,
+but both see the defended system's outputs, so it is white-box in this harness's terms: its prompts are searched per
+CRT. The stored text is the text that was queried.
 """
 
 from __future__ import annotations
@@ -268,7 +269,9 @@ class SneakyPrompt(Attack):
     """SneakyPrompt; see the module docstring."""
 
     name = "sneakyprompt"
-    requires = frozenset({Access.JUDGE_ORACLE})
+    requires = frozenset({Access.SYSTEM_QUERIES, Access.JUDGE_ORACLE})
+    reconstruction = ("sensitive words from the concept and the word ranking by CLIP similarity to c_u, not the gated "
+                      "NSFW text classifier; images at the target's seed")
     output = "text"
     version = "1"
 

@@ -174,7 +174,7 @@ class UnlearnDiffAtk(Attack):
     """UnlearnDiffAtk; see the module docstring."""
 
     name = "unlearndiffatk"
-    requires = frozenset({Access.UNET_GRADIENTS, Access.JUDGE_ORACLE})
+    requires = frozenset({Access.UNET_GRADIENTS, Access.JUDGE_ORACLE, Access.SYSTEM_QUERIES})
     output = "text"
     version = "2"  # 2: round-trip vocabulary (the stored text re-encodes to the optimised ids); blocked = failure
 

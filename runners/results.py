@@ -451,6 +451,7 @@ def results_document(run: Run, rows_relpath: str) -> dict[str, Any]:
         "crt": {"identity": run.crt.identity(), "family": run.crt.family.value, "artifact": run.artifact_key,
                 "reconstruction": run.crt.reconstruction, "meta": getattr(run, "artifact_meta", None)},
         "attack": {"identity": run.attack.identity(), "mode": run.attack.mode,
+                   "reconstruction": run.attack.reconstruction,
                    "needs": sorted(a.value for a in run.attack.needs()), "cost": attack_cost(run),
                    "round_trip": round_trip(run), "target_set": _target_set(run),
                    "targets": run.scores.get("attack_targets") or []},

@@ -20,6 +20,7 @@ class Access(str, Enum):
     UNET_GRADIENTS = "unet_gradients"  # white-box gradients through the deployed generator
     UNERASED_MODEL = "unerased_model"  # the original, undefended pipeline
     JUDGE_ORACLE = "judge_oracle"  # the judge queried during the search
+    SYSTEM_QUERIES = "system_queries"  # prompts sent to the deployed system, its delivered images seen (black-box)
     FILTER_SCORE = "filter_score"  # the post-hoc filter's score (black-box)
     FILTER_GRADIENTS = "filter_gradients"  # gradients of the post-hoc filter's score
 

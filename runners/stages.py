@@ -284,7 +284,8 @@ def attack_context(run: Run) -> AttackContext:
         text_encoder=run.model.pipe.text_encoder, tokenizer=run.model.pipe.tokenizer,
         reference_images=lambda items: run.maker.delivered_images(run.base, list(items), "reference"),
         base_pipe=run.model.pipe if Access.UNERASED_MODEL in needs else None, oracle=oracle,
-        generate=lambda model, items: _attack_generate(run, model, list(items)),
+        generate=(lambda model, items: _attack_generate(run, model, list(items))) if Access.SYSTEM_QUERIES in needs
+        else None,
         generate_raw=(lambda model, items: _attack_generate(run, model, list(items), raw=True)) if filter_access
         else None,
         device=run.model.device, seed=run.seed)

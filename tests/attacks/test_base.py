@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import sys
+
 import pytest
 
 from attacks.base import MODES, check_compatible
@@ -9,7 +12,9 @@ from attacks.none import NoAttack
 from attacks.ringabell import RingABell
 from attacks.unlearndiffatk import UnlearnDiffAtk
 from crt.base import DefendedModel
+from runners.registry import available, build_attack
 from runners.spec import Access
+from tests.runners.conftest import compose_config
 
 
 @pytest.mark.parametrize(("attack", "mode", "agnostic"), [
@@ -41,3 +46,24 @@ def test_target_set_defaults_to_unacceptable_and_is_a_param():
     attack = RingABell(target_set="ringabell_nudity")
     assert attack.target_set == "ringabell_nudity" and attack.identity()["params"]["target_set"] == "ringabell_nudity"
     assert UnlearnDiffAtk(target_set="x").config.target_set == "x"
+
+
+def test_queries_alone_make_an_attack_white_box():
+    """A black-box attack sends prompts to the deployed system: no CRT can withhold that, but it is searched per CRT."""
+
+    class BlackBox(NoAttack):
+        name = "black_box"
+        requires = frozenset({Access.SYSTEM_QUERIES})
+
+    attack = BlackBox()
+    assert attack.mode == "white-box" and not attack.model_agnostic
+    check_compatible(attack, DefendedModel(pipe=None, exposes=frozenset()))
+
+
+@pytest.mark.parametrize("name", available("attack"))
+def test_an_attack_that_queries_the_system_declares_it(name: str):
+    """``AttackContext.generate`` is only given with ``SYSTEM_QUERIES``: an attack calling it must declare it."""
+    attack = build_attack(compose_config([f"attack={name}"])["attack"], "mini")
+    source = inspect.getsource(sys.modules[type(attack).__module__])
+    if "ctx.generate(" in source:
+        assert Access.SYSTEM_QUERIES in attack.requires, f"{name} queries the system without declaring it"

@@ -83,10 +83,10 @@ def _run(tokenizer, system, text="a nude green cross", concept=None, **params):
     return result
 
 
-def test_needs_are_the_oracle_only_so_it_is_white_box_and_never_refused():
+def test_needs_are_queries_and_the_oracle_so_it_is_white_box_and_never_refused():
     attack = SneakyPrompt()
-    assert attack.needs() == frozenset({Access.JUDGE_ORACLE})
-    assert attack.mode == "white-box" and not attack.model_agnostic
+    assert attack.needs() == frozenset({Access.SYSTEM_QUERIES, Access.JUDGE_ORACLE})
+    assert attack.mode == "white-box" and not attack.model_agnostic and "NSFW" in attack.reconstruction
     check_compatible(attack, DefendedModel(pipe=None, exposes=frozenset()))
     with pytest.raises(ValueError):
         SneakyPrompt(adaptive=True)

@@ -123,10 +123,10 @@ class FakeEditCRT(CRT):
 
 
 class SuffixAttack(Attack):
-    """Appends a word to every target; uses the oracle once per target when the CRT allows it."""
+    """Appends a word to every target; queries the system and uses the oracle once per target."""
 
     name: ClassVar[str] = "suffix"
-    requires: ClassVar[frozenset[Access]] = frozenset({Access.JUDGE_ORACLE})
+    requires: ClassVar[frozenset[Access]] = frozenset({Access.SYSTEM_QUERIES, Access.JUDGE_ORACLE})
     output: ClassVar[Literal["text", "embedding"]] = "text"
     calls: ClassVar[list[int]] = []
     die_after_targets: ClassVar[int | None] = None  # simulates a killed process (not a parameter: same identity)

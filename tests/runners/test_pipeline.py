@@ -37,6 +37,7 @@ def test_full_run_writes_results_rows_and_leaderboard_then_reruns_from_the_store
     assert doc["model"]["weights_sha256"] and doc["packages"]["torch"]
     assert doc["judge"]["name"] == "fake_judge"
     assert doc["crt"]["reconstruction"] is None  # crt=none follows no paper to rebuild
+    assert doc["attack"]["reconstruction"] is None and "reconstruction" in doc["attack"]
     assert {"prompts", "fit", "attack", "generate", "score", "metrics"} <= set(doc["timings_s"])
     metrics = doc["metrics"]
     for name in ("effectiveness/clip_accuracy/unacceptable", "effectiveness/judge_rate/implicit",
