@@ -5,7 +5,7 @@
     python run.py -m crt=none,espresso                   # a sweep (hydra/launcher=slurm for a cluster)
 
 A user-fixable problem (missing weights, offline hub, incompatible CRT x attack) ends the run with one line on
-stderr and exit status 2, not a traceback.
+stderr and exit status 2, not a traceback; in a sweep it ends that job only, and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from attacks.base import IncompatibleAttack
@@ -65,6 +67,9 @@ def main(cfg: DictConfig) -> None:
         execute(cfg)
     except (HarnessError, IncompatibleAttack) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            log.error("this job of the sweep is skipped; the others go on")
+            return
         sys.exit(2)
 
 

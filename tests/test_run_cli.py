@@ -39,6 +39,16 @@ def test_offline_real_concept_fails_fast_with_one_clear_line(tmp_path: Path):
     assert "CompVis/stable-diffusion-v1-4" in error_lines[0] and "model.path=" in error_lines[0]
 
 
+def test_a_refused_job_does_not_end_the_sweep(tmp_path: Path):
+    result = _run("-m", "concept=world_nudity", "crt=none", "attack=none,ringabell", "attack.adaptive=true",
+                  "stop_after=prompts", f"store.root={tmp_path / 'store'}", f"results.dir={tmp_path / 'results'}",
+                  f"hydra.sweep.dir={tmp_path / 'multirun'}", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("needs ['filter_score']" in line for line in errors), errors
+    assert "#1 : concept=world_nudity crt=none attack=ringabell" in result.stdout + result.stderr
+
+
 def test_cli_run_on_a_local_folder_then_a_rerun_recomputes_nothing(sd14_shaped_folder: Path, tmp_path: Path):
     args = ["crt=none", "attack=none", f"model.path={sd14_shaped_folder}", "model.fallback_path=null",
             "model.max_prompts_per_set=2",
