@@ -24,6 +24,7 @@ from runners.leaderboard import row_for
 from runners.models import HarnessError, PipelineCache
 from runners.results import committed_result
 from runners.stages import prepare, run_stages, torch_threads
+from runners.validate import validate_config
 
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("run")
@@ -35,6 +36,7 @@ PIPELINES = PipelineCache()
 def execute(cfg: DictConfig | dict, root: Path = ROOT, pipelines: PipelineCache | None = None) -> dict:
     """Run one configuration; returns the paths written and the counters (used by tests and sweeps)."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    validate_config(plain)
     torch_threads(plain)
     run = prepare(plain, root, pipelines if pipelines is not None else PIPELINES)
     stop_after = plain.get("stop_after", "report")

@@ -155,7 +155,12 @@ def stage_fit(run: Run) -> None:
         ctx = FitContext(pipe=run.model.pipe, concept=run.concept, settings=run.settings,
                          generate=lambda items: run.maker.delivered_images(run.base, list(items), "fit"),
                          device=run.model.device, seed=run.seed)
-        artifact = run.crt.fit(ctx)
+        try:
+            artifact = run.crt.fit(ctx)
+        except FloatingPointError as error:
+            raise HarnessError(f"the fit of {run.crt.name} on {run.concept.key} stopped: {error}; nothing was "
+                               f"stored (try a lower crt.params.lr, or crt.mini.lr on the world)") from None
+        _check_finite(run.crt.name, artifact)
         save_artifact(folder, artifact)
         return {"n_tensors": len(artifact.tensors), "meta": artifact.meta}
 
@@ -164,6 +169,15 @@ def stage_fit(run: Run) -> None:
     run.artifact_meta = (entry.value or {}).get("meta")
     log.info("artifact %s %s", entry.key, "fitted" if fitted else "reused")
     run.defended = defended_system(run)
+
+
+def _check_finite(crt_name: str, artifact: Artifact) -> None:
+    """A NaN or infinite weight would be stored and reused by every later run; refuse it instead."""
+    bad = sorted(name for name, tensor in artifact.tensors.items()
+                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()))
+    if bad:
+        raise HarnessError(f"the fit of {crt_name} produced non-finite weights ({', '.join(bad[:3])}"
+                           f"{', ...' if len(bad) > 3 else ''}); nothing was stored (try a lower learning rate)")
 
 
 def save_artifact(folder: Path, artifact: Artifact) -> None:

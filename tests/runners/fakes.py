@@ -114,6 +114,8 @@ class FakeEditCRT(CRT):
 
     def fit(self, ctx: FitContext) -> Artifact:
         FakeEditCRT.fits += 1
+        if self.params.get("diverge"):
+            raise FloatingPointError("fake loss is nan at step 3")
         bias = ctx.pipe.unet.conv_out.bias.detach().clone()
         return Artifact(tensors={"conv_out.bias": bias + float(self.params.get("shift", 0.5))})
 
