@@ -142,7 +142,7 @@ def stage_metrics(run: Run) -> None:
     metrics.update(utility(run, values))
     metrics.update(robustness(run, values))
     metrics.update(filter_rates(run, values))
-    run.scores["checks"] = concept_checks(run)
+    run.scores["checks"] = {**concept_checks(run), **prompt_truncation(run)}
     for m in metrics.values():  # every number says which attack, in which mode, its run was made with
         m.setdefault("attack", run.attack.name)
         m.setdefault("mode", run.attack.mode)
@@ -166,6 +166,25 @@ def concept_checks(run: Run) -> dict[str, Any]:
                     accuracy, ZERO_SHOT_BAR)
     return {"clip_pair_zero_shot": accuracy, "bar": ZERO_SHOT_BAR, "clip_accuracy_meaningful": meaningful,
             "definition": "evaluator CLIP zero-shot accuracy, c_u vs c_a, on rendered ground-truth scenes"}
+
+
+def prompt_truncation(run: Run) -> dict[str, Any]:
+    """Prompts longer than the text encoder's window (77 tokens on SD) are cut by the pipeline without a word in
+    the results; count them per set, so that a number computed on cut prompts says so."""
+    tokenizer = getattr(run.model.pipe, "tokenizer", None)
+    if tokenizer is None or run.concept is None:
+        return {}
+    window = int(tokenizer.model_max_length)
+    truncated: dict[str, list[int]] = {}
+    for name, items in run.concept.prompts.items():
+        lengths = [len(ids) for ids in tokenizer([item.text for item in items]).input_ids] if items else []
+        cut = [i for i, n in enumerate(lengths) if n > window]
+        if cut:
+            truncated[name] = cut
+            log.warning("prompt set %s: %d of %d prompts exceed the %d-token window and are truncated",
+                        name, len(cut), len(items), window)
+    return {"token_window": window, "truncated_prompts": {k: len(v) for k, v in truncated.items()},
+            "truncated_positions": truncated}
 
 
 def _fmt(x: float | None) -> str:

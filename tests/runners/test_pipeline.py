@@ -317,3 +317,13 @@ def test_an_oracle_attacks_prompts_are_keyed_by_its_judge_and_a_text_only_attack
     assert key_of(spec("unlearndiffatk", "1")) != key_of(spec("unlearndiffatk", "2"))
     assert spec("unlearndiffatk", "2")["oracle"] == {"name": "fake_judge", "version": "2"}
     assert key_of(spec("ringabell", "1")) == key_of(spec("ringabell", "2")) and "oracle" not in spec("ringabell", "1")
+
+
+def test_prompts_over_the_token_window_are_counted_in_the_results(tiny_config):
+    cfg = tiny_config()
+    long_prompt = {"text": " ".join(["a nude figure on a red square"] * 20), "seed": 5}  # ~140 tokens
+    cfg["concept"]["prompts"]["acceptable"] = [long_prompt] + list(cfg["concept"]["prompts"]["acceptable"])
+    doc = _results(execute(cfg))
+    assert doc["checks"]["token_window"] == 77
+    assert doc["checks"]["truncated_prompts"] == {"acceptable": 1}
+    assert doc["checks"]["truncated_positions"] == {"acceptable": [0]}
