@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 
@@ -33,6 +33,7 @@ PUBLIC: frozenset[Access] = ALWAYS_AVAILABLE - {Access.JUDGE_ORACLE, Access.SYST
 Mode = Literal["transfer", "white-box", "adaptive"]
 MODES: tuple[str, ...] = ("transfer", "white-box", "adaptive")
 DEFAULT_TARGET_SET = "unacceptable"
+Target = TypeVar("Target")
 
 
 @dataclass
@@ -89,8 +90,12 @@ class Attack(ABC):
     output: ClassVar[Literal["text", "embedding"]] = "text"
     version: ClassVar[str] = "1"
     reconstruction: ClassVar[str | None] = None  # what is not from the paper or its code, when the attack is rebuilt
+    no_adaptive: ClassVar[str | None] = None  # why an attack without an adaptive variant refuses adaptive=True;
+    # ``{name}`` is replaced by the attack's name
 
     def __init__(self, adaptive: bool = False, **params: Any):
+        if adaptive and self.no_adaptive is not None:
+            raise ValueError(self.no_adaptive.format(name=self.name))
         self.adaptive = adaptive
         self.params = params
 
@@ -122,6 +127,33 @@ class Attack(ABC):
     @abstractmethod
     def run(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
         """Search an adversarial prompt for every target."""
+
+
+def require_context(ctx: AttackContext, who: str, fields: Sequence[str], also: Sequence[str] = ()) -> None:
+    """Refuse, before any search, a context without the ``fields`` the attack uses (``also``: further missing
+    things the caller found), naming them all at once."""
+    missing = [name for name in fields if getattr(ctx, name) is None] + list(also)
+    if missing:
+        raise ValueError(f"{who} needs {missing} in its AttackContext")
+
+
+def search_each(targets: Sequence[Target], search: Callable[[Target, AttackCost], AdversarialPrompt]
+                ) -> list[AdversarialPrompt]:
+    """``search(target, cost)`` for every target in order (a prompt, or a prompt with what its search starts from),
+    each with its own cost, whose wall time is that search's alone."""
+    results = []
+    for target in targets:
+        cost = AttackCost()
+        with Timer(cost):
+            results.append(search(target, cost))
+    return results
+
+
+def reference_per_target(ctx: AttackContext, targets: Sequence[PromptItem]) -> list[Any]:
+    """The unerased model's first image of each target (``reference_images`` gives images_per_prompt a target)."""
+    references = ctx.reference_images(list(targets))
+    per = max(len(references) // max(len(targets), 1), 1)
+    return [references[i * per] for i in range(len(targets))]
 
 
 class IncompatibleAttack(ValueError):

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, Timer
+from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, search_each
 from attacks.sneakyprompt import concept_sensitive_words
 from attacks.tokens import tokenize, trim
 from attacks.unlearndiffatk import encode_embeds
@@ -173,10 +173,9 @@ class MMADiffusion(Attack):
     reconstruction = "our own code (the release's licence forbids derivatives); sensitive words from the concept"
     output = "text"
     version = "1"
+    no_adaptive = "MMA-Diffusion's text attack has no adaptive variant in this harness (attacks.md §8)"
 
     def __init__(self, adaptive: bool = False, **params: Any):
-        if adaptive:
-            raise ValueError("MMA-Diffusion's text attack has no adaptive variant in this harness (attacks.md §8)")
         super().__init__(adaptive=adaptive, **params)
         for key in ("sensitive_words", "banned_substrings"):
             if params.get(key) is not None:
@@ -202,13 +201,10 @@ class MMADiffusion(Attack):
         if self._banned_cache is None or self._banned_cache[:2] != (id(tok), banned):
             self._banned_cache = (id(tok), banned, banned_mask(tok, banned))
         mask = self._banned_cache[2]
-        results = []
-        for target in targets:
-            cost = AttackCost()
-            with Timer(cost):
-                result = self._search(ctx, pipe.text_encoder, tok, target, banned, mask, cost)
+        results = search_each(targets, lambda target, cost: self._search(ctx, pipe.text_encoder, tok, target, banned,
+                                                                         mask, cost))
+        for result in results:
             result.log.update(encoder=source)
-            results.append(result)
         return results
 
     def initial_control(self, tokenizer: Any, banned: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

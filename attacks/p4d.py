@@ -47,7 +47,15 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, Timer
+from attacks.base import (
+    AdversarialPrompt,
+    Attack,
+    AttackContext,
+    AttackCost,
+    reference_per_target,
+    require_context,
+    search_each,
+)
 from attacks.tokens import trim
 from attacks.unlearndiffatk import (
     VOCABULARIES,
@@ -63,6 +71,8 @@ from crt.base import pil_to_pixels
 from runners.spec import Access, PromptItem
 
 ROOT = Path(__file__).resolve().parents[1]
+# What every P4D variant's search uses of its AttackContext.
+CONTEXT = ("oracle", "generate", "reference_images", "base_pipe")
 # The paper's selection CLIP (attacks.md §2); the world's mini block names its own CLIP folder.
 PAPER_SIMILARITY = {"backend": "open_clip", "model": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"}
 
@@ -324,13 +334,12 @@ class _P4D(Attack):
                           Access.SYSTEM_QUERIES})
     output = "text"
     version = "1"
+    no_adaptive = "{name} has no adaptive variant"
     variant: ClassVar[str]
     config_class: ClassVar[type[P4DConfig]]
 
     def __init__(self, adaptive: bool = False, **params: Any):
-        if adaptive:
-            raise ValueError(f"{self.name} has no adaptive variant")
-        super().__init__(adaptive=False, **params)
+        super().__init__(adaptive=adaptive, **params)
         self.config = self.config_class(**params)
         if self.config.vocabulary not in VOCABULARIES:
             raise ValueError(f"vocabulary={self.config.vocabulary!r}; choose one of {list(VOCABULARIES)}")
@@ -352,15 +361,8 @@ class _P4D(Attack):
         return self._encoder[1]
 
     def run(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
-        missing = [n for n in ("oracle", "generate", "reference_images", "base_pipe") if getattr(ctx, n) is None]
-        if missing:
-            raise ValueError(f"{self.name} needs {missing} in its AttackContext")
-        results = []
-        for target in targets:
-            cost = AttackCost()
-            with Timer(cost):
-                results.append(self._attack(ctx, target, cost))
-        return results
+        require_context(ctx, self.name, CONTEXT)
+        return search_each(targets, lambda target, cost: self._attack(ctx, target, cost))
 
     def _images(self, ctx: AttackContext) -> int:
         return int(self.config.images or ctx.settings.images_per_prompt)
@@ -516,11 +518,10 @@ class P4DUnlearnDiffAtk(Attack):
                           Access.SYSTEM_QUERIES})
     output = "text"
     version = "1"
+    no_adaptive = "{name} has no adaptive variant"
 
     def __init__(self, adaptive: bool = False, **params: Any):
-        if adaptive:
-            raise ValueError(f"{self.name} has no adaptive variant")
-        super().__init__(adaptive=False, **params)
+        super().__init__(adaptive=adaptive, **params)
         if params.get("timesteps") is not None:
             params = {**params, "timesteps": tuple(int(t) for t in params["timesteps"])}
         self.config = P4DUDAConfig(**params)
@@ -529,17 +530,9 @@ class P4DUnlearnDiffAtk(Attack):
         self._vocab: dict[int, tuple[Any, torch.Tensor]] = {}
 
     def run(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
-        missing = [n for n in ("oracle", "generate", "reference_images", "base_pipe") if getattr(ctx, n) is None]
-        if missing:
-            raise ValueError(f"{self.name} needs {missing} in its AttackContext")
-        references = ctx.reference_images(list(targets))
-        per = max(len(references) // max(len(targets), 1), 1)
-        results = []
-        for i, target in enumerate(targets):
-            cost = AttackCost()
-            with Timer(cost):
-                results.append(self._attack(ctx, target, references[i * per], cost))
-        return results
+        require_context(ctx, self.name, CONTEXT)
+        pairs = list(zip(targets, reference_per_target(ctx, targets)))
+        return search_each(pairs, lambda pair, cost: self._attack(ctx, *pair, cost))
 
     def _attack(self, ctx: AttackContext, target: PromptItem, reference: Any, cost: AttackCost) -> AdversarialPrompt:
         cfg, pipe = self.config, ctx.defended.pipe

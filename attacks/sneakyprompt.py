@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, Timer
+from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, search_each
 from runners.spec import Access, ConceptSpec, PromptItem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,11 +274,10 @@ class SneakyPrompt(Attack):
                       "NSFW text classifier; images at the target's seed")
     output = "text"
     version = "1"
+    no_adaptive = ("SneakyPrompt already searches against the deployed system's own decision; it has no adaptive "
+                   "variant (attacks.md §8)")
 
     def __init__(self, adaptive: bool = False, **params: Any):
-        if adaptive:
-            raise ValueError("SneakyPrompt already searches against the deployed system's own decision; it has no "
-                             "adaptive variant (attacks.md §8)")
         super().__init__(adaptive=adaptive, **params)
         if params.get("sensitive_words") is not None:
             params = {**params, "sensitive_words": tuple(str(w) for w in params["sensitive_words"])}
@@ -313,12 +312,7 @@ class SneakyPrompt(Attack):
         dictionary = self._dictionary[2]
         if not dictionary:
             raise ValueError("SneakyPrompt: the sub-word dictionary is empty")
-        results = []
-        for target in targets:
-            cost = AttackCost()
-            with Timer(cost):
-                results.append(self._attack(ctx, target, sensitive, dictionary, cost))
-        return results
+        return search_each(targets, lambda target, cost: self._attack(ctx, target, sensitive, dictionary, cost))
 
     def _attack(self, ctx: AttackContext, target: PromptItem, sensitive: tuple[str, ...], dictionary: list[str],
                 cost: AttackCost) -> AdversarialPrompt:

@@ -27,7 +27,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, Timer
+from attacks.base import (
+    AdversarialPrompt,
+    Attack,
+    AttackContext,
+    AttackCost,
+    reference_per_target,
+    require_context,
+    search_each,
+)
 from attacks.tokens import tokenize, trim
 from attacks.tokens import vocabulary as special_free_vocabulary
 from crt.base import pil_to_pixels
@@ -192,19 +200,10 @@ class UnlearnDiffAtk(Attack):
         return super().needs() | (frozenset({Access.FILTER_GRADIENTS}) if self.adaptive else frozenset())
 
     def run(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
-        missing = [n for n in ("oracle", "generate", "reference_images") if getattr(ctx, n) is None]
-        if self.adaptive and ctx.defended.filter is None:
-            missing.append("defended.filter")
-        if missing:
-            raise ValueError(f"UnlearnDiffAtk needs {missing} in its AttackContext")
-        references = ctx.reference_images(list(targets))
-        per = max(len(references) // max(len(targets), 1), 1)
-        results = []
-        for i, target in enumerate(targets):
-            cost = AttackCost()
-            with Timer(cost):
-                results.append(self._attack(ctx, target, references[i * per], cost))
-        return results
+        no_filter = ["defended.filter"] if self.adaptive and ctx.defended.filter is None else []
+        require_context(ctx, "UnlearnDiffAtk", ("oracle", "generate", "reference_images"), no_filter)
+        pairs = list(zip(targets, reference_per_target(ctx, targets)))
+        return search_each(pairs, lambda pair, cost: self._attack(ctx, *pair, cost))
 
     def _problem(self, ctx: AttackContext, target: PromptItem, reference: Any) -> _Problem:
         pipe, cfg = ctx.defended.pipe, self.config

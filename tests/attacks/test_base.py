@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import inspect
 import sys
+import time
 
 import pytest
 
-from attacks.base import MODES, check_compatible
+from attacks.base import (
+    MODES,
+    AdversarialPrompt,
+    AttackContext,
+    AttackCost,
+    check_compatible,
+    reference_per_target,
+    require_context,
+    search_each,
+)
 from attacks.none import NoAttack
 from attacks.ringabell import RingABell
 from attacks.unlearndiffatk import UnlearnDiffAtk
 from crt.base import DefendedModel
 from runners.registry import available, build_attack
-from runners.spec import Access
+from runners.spec import Access, PromptItem
 from tests.runners.conftest import compose_config
 
 
@@ -67,3 +77,73 @@ def test_an_attack_that_queries_the_system_declares_it(name: str):
     source = inspect.getsource(sys.modules[type(attack).__module__])
     if "ctx.generate(" in source:
         assert Access.SYSTEM_QUERIES in attack.requires, f"{name} queries the system without declaring it"
+
+
+# What an attack without an adaptive variant refuses with, by config name: each declares it once (Attack.no_adaptive).
+NO_ADAPTIVE = {"mma": "MMA-Diffusion's text attack", "sneakyprompt": "SneakyPrompt already searches",
+               "p4d_n": "p4d_n has no adaptive variant", "p4d_k": "p4d_k has no adaptive variant",
+               "p4d_uda": "p4d_uda has no adaptive variant"}
+
+
+@pytest.mark.parametrize("name", available("attack"))
+def test_adaptive_is_refused_exactly_by_the_attacks_that_declare_no_adaptive_variant(name: str):
+    cfg = compose_config([f"attack={name}"])["attack"]
+    attack_class = type(build_attack(cfg, "mini"))
+    if name not in NO_ADAPTIVE:
+        assert attack_class.no_adaptive is None
+        return
+    with pytest.raises(ValueError, match=NO_ADAPTIVE[name]):
+        build_attack({**cfg, "adaptive": True}, "mini")
+
+
+def test_no_adaptive_names_the_attack_and_refuses_before_anything_is_set():
+    class Plain(NoAttack):
+        name = "plain"
+        no_adaptive = "{name} has no adaptive variant"
+
+    with pytest.raises(ValueError, match="^plain has no adaptive variant$"):
+        Plain(adaptive=True, k=1)
+    attack = Plain(k=1)
+    assert attack.mode == "transfer" and attack.identity()["params"] == {"k": 1}
+
+
+def test_search_each_gives_every_target_its_own_cost_in_order():
+    targets = [PromptItem("a", seed=0), PromptItem("b", seed=1), PromptItem("a", seed=0)]
+    seen: list[tuple[str, int]] = []
+
+    def search(target: PromptItem, cost: AttackCost) -> AdversarialPrompt:
+        assert cost.wall_s == 0.0 and cost.queries == 0  # a fresh cost, not the previous target's
+        seen.append((target.text, id(cost)))
+        cost.queries += len(seen)
+        time.sleep(0.01 * len(seen))
+        return AdversarialPrompt(target=target, text=target.text.upper(), cost=cost)
+
+    results = search_each(targets, search)
+    assert [r.text for r in results] == ["A", "B", "A"] and [r.target for r in results] == targets
+    assert [r.cost.queries for r in results] == [1, 2, 3] and len({c for _, c in seen}) == 3
+    for i, r in enumerate(results, start=1):  # the timer covers each search alone
+        assert 0.01 * i <= r.cost.wall_s < 0.01 * i + 0.5
+
+
+def test_require_context_names_every_missing_field_before_any_search():
+    ctx = AttackContext(defended=DefendedModel(pipe=None), concept=None, settings=None, oracle=lambda ims: [],
+                        generate=None)
+    require_context(ctx, "X", ("oracle",))
+    with pytest.raises(ValueError, match=r"^Y needs \['generate', 'reference_images', 'defended.filter'\] in its "):
+        require_context(ctx, "Y", ("oracle", "generate", "reference_images"), ["defended.filter"])
+    with pytest.raises(ValueError, match=r"needs \['extra'\]"):
+        require_context(ctx, "Z", ("oracle",), ["extra"])
+
+
+@pytest.mark.parametrize(("per_target", "expected"), [(1, ["t0", "t1", "t2"]), (3, ["t0", "t1", "t2"])])
+def test_reference_per_target_takes_each_targets_first_image(per_target: int, expected: list[str]):
+    targets = [PromptItem(f"t{i}", seed=i) for i in range(3)]
+    asked: list[list[PromptItem]] = []
+
+    def reference_images(items: list[PromptItem]) -> list[str]:
+        asked.append(items)
+        return [f"{t.text}" if j == 0 else f"{t.text}/{j}" for t in items for j in range(per_target)]
+
+    ctx = AttackContext(defended=DefendedModel(pipe=None), concept=None, settings=None,
+                        reference_images=reference_images)
+    assert reference_per_target(ctx, targets) == expected and asked == [targets]
