@@ -107,6 +107,31 @@ class CRT(ABC):
         """Build the defended model from the base ``pipe`` without modifying it."""
 
 
+class UNetEdit(CRT):
+    """A CRT that edits the UNet of a public model: its params build ``config_class`` (``self.config``), it exposes
+    :data:`OPEN_WEIGHTS`, and ``apply`` writes the artifact's UNet parameters into a copy of the base UNet."""
+
+    exposes = OPEN_WEIGHTS  # an edit of a public model: its weights and the unerased base
+    config_class: ClassVar[type]
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        self.config = self.config_class(**self.config_params(params))
+
+    @staticmethod
+    def config_params(params: dict[str, Any]) -> dict[str, Any]:
+        """The params as ``config_class`` takes them (a subclass converts, e.g. YAML lists to tuples)."""
+        return params
+
+    def unet_parameters(self, pipe: Any, artifact: Artifact) -> dict[str, torch.Tensor]:
+        """The new values of the UNet parameters the artifact changes (a mask artifact computes them here)."""
+        return artifact.tensors
+
+    def apply(self, pipe: Any, artifact: Artifact) -> DefendedModel:
+        unet = edited_copy(pipe.unet, self.unet_parameters(pipe, artifact))
+        return DefendedModel(pipe=replace_module(pipe, "unet", unet), crt_name=self.name, exposes=self.exposes)
+
+
 def replace_module(pipe: Any, component: str, module: torch.nn.Module) -> Any:
     """A shallow copy of ``pipe`` whose ``component`` (e.g. "unet") is ``module``; the base stays as it was."""
     components = dict(pipe.components)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext, edited_copy, pil_to_pixels, replace_module
+from crt.base import Artifact, FitContext, UNetEdit, pil_to_pixels
 from crt.esd import _autocast, _encode, _eps, _summarise
 from runners.spec import Family, PromptItem
 
@@ -191,18 +191,17 @@ class AnchorData:
     pairs: list[tuple[str, str]]  # (anchor, first target variant) per prompt, for the meta
 
 
-class CA(CRT):
+class CA(UNetEdit):
     """Concept Ablation, model-based (``ca``) or noise-based (``ca_noise``); see the module docstring."""
 
     name = "ca"
     family = Family.WEIGHT_EDIT
-    exposes = OPEN_WEIGHTS  # an edit of a public model: its weights and the unerased base
     trains = "unet: attn2.to_k/to_v (cross-attn), q/k/v/out of every attention (attn) or all weights (full-weight)"
     version = "1"
+    config_class = CAConfig
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        self.config = CAConfig(**params)
         if self.config.loss_type not in LOSS_TYPES:
             raise ValueError(f"CA loss_type must be one of {LOSS_TYPES}, got {self.config.loss_type!r}")
         if self.config.parameter_group not in PARAMETER_GROUPS:
@@ -321,10 +320,6 @@ class CA(CRT):
         probs = data.target_probs[prompt]
         choice = int(torch.multinomial(probs, 1, generator=gen)) if len(probs) > 1 else 0
         return data.target_conds[prompt][choice]
-
-    def apply(self, pipe: Any, artifact: Artifact) -> DefendedModel:
-        unet = edited_copy(pipe.unet, artifact.tensors)
-        return DefendedModel(pipe=replace_module(pipe, "unet", unet), crt_name=self.name, exposes=self.exposes)
 
 
 def border_mask(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:

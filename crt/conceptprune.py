@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext, edited_copy, replace_module
+from crt.base import Artifact, FitContext, UNetEdit, replace_module
 from runners.spec import Family
 
 FFN_OUT = "ff.net.2"
@@ -148,18 +148,17 @@ def prune(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weight.masked_fill(mask.to(weight.device), 0)
 
 
-class ConceptPrune(CRT):
+class ConceptPrune(UNetEdit):
     """Skilled-neuron pruning of the UNet FFN output weights; see the module docstring."""
 
     name = "conceptprune"
     family = Family.WEIGHT_EDIT
-    exposes = OPEN_WEIGHTS  # an edit of a public model: its weights and the unerased base
     trains = "nothing (training-free): zeroes entries of unet ff.net.2 weights"
     version = "1"
+    config_class = ConceptPruneConfig
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        self.config = ConceptPruneConfig(**params)
         cfg = self.config
         if cfg.tau < 1 or not 0 <= cfg.skill_ratio <= 1 or cfg.select_ratio < 0 or cfg.batch_size < 1:
             raise ValueError(f"ConceptPrune needs tau >= 1, 0 <= skill_ratio <= 1, select_ratio >= 0, batch_size >= 1;"
@@ -235,11 +234,10 @@ class ConceptPrune(CRT):
                 "tensors": "bool masks over the named ff.net.2 weights; apply sets the masked entries to 0"}
         return Artifact(tensors=tensors, meta=meta)
 
-    def apply(self, pipe: Any, artifact: Artifact) -> DefendedModel:
+    def unet_parameters(self, pipe: Any, artifact: Artifact) -> dict[str, torch.Tensor]:
+        """The masked ``ff.net.2`` weights with their masked entries zeroed."""
         state = pipe.unet.state_dict()
-        zeroed = {name: prune(state[name], mask.bool()) for name, mask in artifact.tensors.items()}
-        unet = edited_copy(pipe.unet, zeroed)
-        return DefendedModel(pipe=replace_module(pipe, "unet", unet), crt_name=self.name, exposes=self.exposes)
+        return {name: prune(state[name], mask.bool()) for name, mask in artifact.tensors.items()}
 
 
 def sampler_pipe(pipe: Any, scheduler: str) -> Any:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext, edited_copy, replace_module
+from crt.base import Artifact, FitContext, UNetEdit
 from crt.ca import CA, ca_loss
 from crt.esd import ESD, _encode, _summarise, esd_loss, target_formula
 from runners.spec import Family
@@ -149,21 +149,20 @@ ERASER_BUILDERS: dict[str, Callable[[FitContext, dict[str, Any], torch.Generator
     "esd": esd_eraser, "ca": ca_eraser}
 
 
-class MaskedEraser(CRT):
+class MaskedEraser(UNetEdit):
     """P-ESD / P-CA: a learned binary mask over selected UNet weights; see the module docstring."""
 
     name = "p_esd"
     family = Family.WEIGHT_EDIT
-    exposes = OPEN_WEIGHTS  # an edit of a public model: its weights and the unerased base
     trains = "a binary mask over unet ff.net.2, attn2.to_k, attn2.to_v weights (pruned weights are zeroed)"
     reconstruction = ("Yang et al. 2024 (arXiv 2405.16534) publish only the abstract: the masked layers, the "
                       "straight-through sigmoid mask, the sparsity term lambda_s * mean(1 - m), the optimiser and "
                       "every hyper-parameter are this harness's choices (crts.md §8)")
     version = "1"
+    config_class = PruningConfig
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        self.config = PruningConfig(**params)
         if self.config.eraser not in ERASERS:
             raise ValueError(f"pruning eraser must be one of {ERASERS}, got {self.config.eraser!r}")
         self.eraser_version = (ESD if self.config.eraser == "esd" else CA)(**self.config.eraser_params).version
@@ -196,12 +195,11 @@ class MaskedEraser(CRT):
         return Artifact(tensors=tensors, meta={**eraser.meta, "config": asdict(cfg), **pruning_stats(tensors),
                                                "loss": {k: _summarise(v, cfg.log_every) for k, v in history.items()}})
 
-    def apply(self, pipe: Any, artifact: Artifact) -> DefendedModel:
+    def unet_parameters(self, pipe: Any, artifact: Artifact) -> dict[str, torch.Tensor]:
+        """The masked weights with their pruned entries zeroed."""
         state = pipe.unet.state_dict()
-        pruned = {name: torch.where(kept.to(state[name].device), state[name], torch.zeros_like(state[name]))
-                  for name, kept in artifact.tensors.items()}
-        unet = edited_copy(pipe.unet, pruned)
-        return DefendedModel(pipe=replace_module(pipe, "unet", unet), crt_name=self.name, exposes=self.exposes)
+        return {name: torch.where(kept.to(state[name].device), state[name], torch.zeros_like(state[name]))
+                for name, kept in artifact.tensors.items()}
 
 
 def pruning_stats(kept: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext, edited_copy, replace_module
+from crt.base import Artifact, FitContext, UNetEdit
 from crt.shielddiff.ddpo import (
     PerPromptStatTracker,
     Trajectories,
@@ -92,12 +92,11 @@ def _tupled(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-class ShieldDiff(CRT):
+class ShieldDiff(UNetEdit):
     """DDPO + LoRA against a nudity (concept) and CLIP reward; see the package docstring."""
 
     name = "shielddiff"
     family = Family.WEIGHT_EDIT
-    exposes = OPEN_WEIGHTS  # an edit of a public model: its weights and the unerased base
     trains = "unet: LoRA on attn1/attn2 to_q, to_k, to_v, to_out.0 (merged into those weights)"
     reconstruction = ("all but 'DDPO + LoRA, NudeNet + CLIP reward' (the paper is an abstract; crts.md §10): DDPO as "
                       "Black et al. (DDIM eta 1, per-step clipped ratio, per-prompt normalised advantage), LoRA "
@@ -106,10 +105,11 @@ class ShieldDiff(CRT):
                       "separate reward classifier's P(judge predicate) at temperature 4 (not the judge), w_c 0.1, "
                       "and a scaled-down budget (conf/crt/shielddiff.yaml)")
     version = "1"
+    config_class = ShieldDiffConfig
+    config_params = staticmethod(_tupled)
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        self.config = ShieldDiffConfig(**_tupled(params))
         cfg = self.config
         if cfg.eta <= 0:
             raise ValueError(f"ShieldDiff's DDPO needs eta > 0 (a Gaussian policy per step), got {cfg.eta}")
@@ -245,10 +245,6 @@ class ShieldDiff(CRT):
         return {"loss": sum(losses) / len(losses), "updates": updates,
                 "clipfrac": sum(i["clipfrac"] for i in infos) / len(infos),
                 "approx_kl": sum(i["approx_kl"] for i in infos) / len(infos)}
-
-    def apply(self, pipe: Any, artifact: Artifact) -> DefendedModel:
-        unet = edited_copy(pipe.unet, artifact.tensors)
-        return DefendedModel(pipe=replace_module(pipe, "unet", unet), crt_name=self.name, exposes=self.exposes)
 
     def declared_parameters(self, unet: torch.nn.Module) -> set[str]:
         """The base UNet parameters the artifact overwrites: the weights of the LoRA-adapted projections."""

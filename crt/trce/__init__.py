@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext, edited_copy, replace_module
+from crt.base import CRT, Artifact, FitContext, UNetEdit, edited_copy
 from crt.trce.stage1 import Stage1Config, fit_stage1, prompt_pairs
 from crt.trce.stage2 import (
     Stage2Config,
@@ -56,18 +56,18 @@ def quirks(parity: bool, stage2: bool) -> dict[str, str]:
     return out
 
 
-class TRCEStage1(CRT):
+class TRCEStage1(UNetEdit):
     """TRCE's closed-form stage alone; see the module docstring."""
 
     name = "trce_stage1"
     family = Family.CLOSED_FORM_EDIT
-    exposes = OPEN_WEIGHTS  # an edit of a public model: its weights and the unerased base
     trains = "unet: attn2.to_k, attn2.to_v (closed form)"
     version = "1"
+    config_class = Stage1Config
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        self.stage1 = Stage1Config(**params)
+        self.stage1: Stage1Config = self.config
         self._label(self.stage1.parity, stage2=False)
 
     def _label(self, parity: bool, stage2: bool) -> None:
@@ -79,10 +79,6 @@ class TRCEStage1(CRT):
         tensors, meta = fit_stage1(ctx.pipe, ctx.concept, self.stage1)
         return Artifact(tensors=tensors, meta={"config": asdict(self.stage1), "parity": self.stage1.parity,
                                                "quirks": quirks(self.stage1.parity, False), "stage1": meta})
-
-    def apply(self, pipe: Any, artifact: Artifact) -> DefendedModel:
-        unet = edited_copy(pipe.unet, artifact.tensors)
-        return DefendedModel(pipe=replace_module(pipe, "unet", unet), crt_name=self.name, exposes=self.exposes)
 
 
 class TRCE(TRCEStage1):
