@@ -455,7 +455,9 @@ def stage_report(run: Run) -> None:
 
 
 def results_document(run: Run, rows_relpath: str) -> dict[str, Any]:
-    return {
+    from runners.card import build_card
+
+    document = {
         "schema_version": SCHEMA_VERSION,
         "run_key": key_of(run_identity(run)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -484,6 +486,8 @@ def results_document(run: Run, rows_relpath: str) -> dict[str, Any]:
         "checks": run.scores.get("checks") or {},
         "rows": rows_relpath,
     }
+    document["card"] = build_card(document)  # prompt sets, seeds, sampler, judge, budget (runners/card.py)
+    return document
 
 
 def attack_cost(run: Run) -> dict[str, Any]:
