@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -149,6 +150,27 @@ def state_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def changed_keys(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
     after = module.state_dict()
     return {k for k, v in before.items() if not torch.equal(v, after[k])}
+
+
+def ddim_scheduler(steps: int) -> Any:
+    """The world's DDIM scheduler with ``steps`` inference timesteps set."""
+    from world.models import make_scheduler
+
+    scheduler = make_scheduler("ddim")
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+class OracleUNet(torch.nn.Module):
+    """Predicts the true noise, so DDIM lands exactly on sqrt(a_t) x0 + sqrt(1 - a_t) eps at every step."""
+
+    def __init__(self, eps: torch.Tensor):
+        super().__init__()
+        self.eps = eps
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, sample: torch.Tensor, t: Any, encoder_hidden_states: Any) -> SimpleNamespace:
+        return SimpleNamespace(sample=self.eps.expand_as(sample))
 
 
 GenerateFn = Callable[[list[PromptItem]], list[Any]]

@@ -11,20 +11,12 @@ from torch import nn
 from crt.base import OPEN_WEIGHTS, FitContext
 from crt.esd import ESD, ESDBatch, ddpm_bin, esd_loss, esd_target, partial_ddim, target_formula, trainable_names
 from runners.spec import Family
-from tests.crt.conftest import changed_keys, state_snapshot
-
-
-def _ddim(steps: int):
-    from world.models import make_scheduler
-
-    scheduler = make_scheduler("ddim")
-    scheduler.set_timesteps(steps)
-    return scheduler
+from tests.crt.conftest import OracleUNet, changed_keys, ddim_scheduler, state_snapshot
 
 
 @pytest.mark.parametrize("steps", [50, 25, 10, 7])
 def test_ddpm_bin_contains_the_ddim_timestep_of_x_t(steps):
-    scheduler = _ddim(steps)
+    scheduler = ddim_scheduler(steps)
     for k, t in enumerate(scheduler.timesteps.tolist()):
         lo, hi = ddpm_bin(scheduler, k)
         assert lo <= t < hi, (k, t, lo, hi)
@@ -33,22 +25,10 @@ def test_ddpm_bin_contains_the_ddim_timestep_of_x_t(steps):
             assert (lo, hi) == (1000 * (steps - k - 1) // steps, 1000 * (steps - k) // steps)
 
 
-class OracleUNet(nn.Module):
-    """Predicts the true noise, so DDIM lands exactly on sqrt(a_t) x0 + sqrt(1 - a_t) eps at every step."""
-
-    def __init__(self, eps: torch.Tensor):
-        super().__init__()
-        self.eps = eps
-        self.dummy = nn.Parameter(torch.zeros(()))
-
-    def forward(self, sample, t, encoder_hidden_states):
-        return SimpleNamespace(sample=self.eps.expand_as(sample))
-
-
 @pytest.mark.parametrize("steps", [50, 10])
 def test_x_t_after_k_ddim_steps_has_the_noise_level_of_its_ddpm_bin(steps):
     torch.manual_seed(0)
-    scheduler = _ddim(steps)
+    scheduler = ddim_scheduler(steps)
     x0, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     abar = scheduler.alphas_cumprod
     t0 = int(scheduler.timesteps[0])

@@ -33,7 +33,7 @@ from crt.trce.stage2 import (
 )
 from crt.uce import kv_projections
 from runners.spec import Family
-from tests.crt.conftest import ROOT, changed_keys, state_snapshot
+from tests.crt.conftest import ROOT, OracleUNet, changed_keys, ddim_scheduler, state_snapshot
 
 SPLIT = "a snapshot of a nude circle"  # 'snapshot' is 5 BPE tokens of the world tokenizer (s n ap s hot)
 
@@ -181,23 +181,8 @@ def test_plan_follows_the_official_schedule():
     assert any(e is None for batch in plans[0].reg for e in batch)  # randint(0, S): the step S is skipped
 
 
-class OracleUNet(nn.Module):
-    """Predicts the true noise, so DDIM lands exactly on sqrt(a_t) x0 + sqrt(1 - a_t) eps at every step."""
-
-    def __init__(self, eps: torch.Tensor):
-        super().__init__()
-        self.eps = eps
-        self.dummy = nn.Parameter(torch.zeros(()))
-
-    def forward(self, sample, t, encoder_hidden_states):
-        return SimpleNamespace(sample=self.eps.expand_as(sample))
-
-
 def test_default_pairs_each_latent_with_its_own_timestep():
-    from world.models import make_scheduler
-
-    scheduler = make_scheduler("ddim")
-    scheduler.set_timesteps(10)
+    scheduler = ddim_scheduler(10)
     abar = scheduler.alphas_cumprod
     gen = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(1, 4, 4, 4, generator=gen), torch.randn(1, 4, 4, 4, generator=gen)
