@@ -6,8 +6,13 @@ attack, N = all attacked targets) per attack and mode (transfer, white-box, adap
 unattacked ASR. Each cell is ``value [lo, hi]`` with the interval its record carries (``k/n`` beside rates), and
 under each table a line names each column's interval method. Arrows give the better direction.
 
+Overall (markdown, first): per model, the mean rank of every CRT across concepts, per column (see :func:`overall`).
+
 CSV (long): one row per metric of every newest run, with attack, mode, n, count, interval and its method, and the
-run's adversarial round-trip rate.
+run's adversarial round-trip rate. leaderboard_long.csv: the same metrics for pandas users, one row per model x
+concept x CRT x attack (the run label, so modes differ) x metric with value, low, high, n, count and run_key.
+
+Plots (``python -m runners.leaderboard``, not after every run): runners/plots.py writes them into plots/.
 
 The newest run of a (model, concept, CRT, attack label) combination wins. Results files older than
 ``MIN_SCHEMA`` are skipped: their ``post_asr`` meant the attack's gain, not UnlearnDiffAtk's post-ASR.
@@ -15,14 +20,16 @@ The newest run of a (model, concept, CRT, attack label) combination wins. Result
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from runners.store import atomic_write_bytes
 
@@ -37,6 +44,10 @@ OWN_ASR = {"ringabell": "robustness/ringabell_asr/{attack}"}  # attacks whose pa
 KINDS = ("judge", "effectiveness", "utility", "robustness")
 CSV_FIELDS = ("model", "concept", "crt", "attack", "mode", "metric", "group", "higher_is_better", "value", "ci_lo",
               "ci_hi", "alpha", "ci_method", "n", "count", "round_trip_rate", "run_key")
+LONG_FIELDS = ("model", "concept", "crt", "attack", "attack_name", "mode", "metric", "value", "low", "high", "n",
+               "count", "higher_is_better", "alpha", "ci_method", "run_key")
+LONG_KEY = ("model", "concept", "crt", "attack", "metric")
+RANK_DECIMALS = 3  # the precision the tables show: values equal there tie
 
 
 @dataclass(frozen=True)
@@ -172,12 +183,14 @@ def combined_metrics(runs: list[dict[str, Any]]) -> dict[tuple[str, str, str], d
     from metrics.asr import any_attack_asr, p4d_failure_rate
 
     groups: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
+    run_keys: dict[tuple[str, str, str, str], str] = {}
     for (model, concept, crt, label), run in latest(runs).items():
         targets = (run.get("attack") or {}).get("targets") or []
         if label == "none" or not targets:
             continue
         keys = tuple(t["target"] for t in targets)
         groups.setdefault((model, concept, crt, keys), {})[label] = targets
+        run_keys[(model, concept, crt, label)] = str(run.get("run_key"))
     out: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
     # several target lists (an attack run on its own set): the list most attacks ran on wins
     for (model, concept, crt, keys), by_attack in sorted(groups.items(), key=lambda kv: len(kv[1])):
@@ -187,9 +200,12 @@ def combined_metrics(runs: list[dict[str, Any]]) -> dict[tuple[str, str, str], d
             "value": worst["asr"], "ci": worst["asr_ci"], "n": worst["n"], "count": worst["successes"],
             "group": "robustness", "higher_is_better": False, "attack": "any", "mode": "worst case",
             "attacks": worst["attacks"], "per_attack_successes": worst["per_attack_successes"],
+            "run_keys": [run_keys[(model, concept, crt, label)] for label in worst["attacks"]],
             "ci_method": worst["ci_method"], "alpha": worst["alpha"], "denominator": worst["denominator"],
             "definition": "post-ASR of the worst case: targets that succeed unattacked or under any listed attack / N"}
-        parts = [by_attack[label] for label in by_attack if label.split("-")[0] in P4D_PARTS]
+        part_labels = sorted((label for label in by_attack if label.split("-")[0] in P4D_PARTS),
+                             key=lambda label: P4D_PARTS.index(label.split("-")[0]))
+        parts = [by_attack[label] for label in part_labels]
         names = sorted({label.split("-")[0] for label in by_attack if label.split("-")[0] in P4D_PARTS})
         if names == sorted(P4D_PARTS) and all(t["ideal"] is not None for targets in parts for t in targets):
             ideal = [t["ideal"] for t in parts[0]]
@@ -200,6 +216,7 @@ def combined_metrics(runs: list[dict[str, Any]]) -> dict[tuple[str, str, str], d
                     "value": fr["failure_rate"], "ci": fr["failure_rate_ci"], "n": fr["n"], "count": fr["successes"],
                     "group": "robustness", "higher_is_better": False, "attack": "p4d_union", "mode": "white-box",
                     "ci_method": fr["ci_method"], "alpha": fr["alpha"], "denominator": fr["denominator"],
+                    "attacks": part_labels, "run_keys": [run_keys[(model, concept, crt, x)] for x in part_labels],
                     "definition": "P4D-UNION failure rate: ideal targets broken by P4D-N or P4D-K / ideal targets"}
     return out
 
@@ -233,6 +250,7 @@ def render(runs: list[dict[str, Any]], skipped_old: int = 0) -> tuple[str, str]:
                   "gain); rerun them, stored images and scores are reused.", ""]
     if not tables:
         lines.append("No results yet: `make run` adds the first row.")
+    lines += overall_markdown(tables)
     for (model, concept), (columns, rows) in sorted(tables.items()):
         directions = {c: _direction(c, rows) for c in columns}
         lines += [f"## model: {model}, concept: {concept}", "",
@@ -244,6 +262,70 @@ def render(runs: list[dict[str, Any]], skipped_old: int = 0) -> tuple[str, str]:
                                                 for c in columns), ""]
         lines += _pair_warning(runs, model, concept)
     return "\n".join(lines), long_csv(runs)
+
+
+@dataclass(frozen=True)
+class MeanRank:
+    """A CRT's mean rank in one column over the concepts where it has a value (``concepts`` of them)."""
+
+    mean: float
+    concepts: int
+
+
+Overall = tuple[list[Column], dict[str, dict[Column, MeanRank]]]
+
+
+def concept_ranks(tables: dict[tuple[str, str], Table]) -> pd.DataFrame:
+    """Per model, concept and column, every CRT with a value ranked: 1 = best in the column's direction, values equal
+    at the shown precision (``RANK_DECIMALS``) share the mean of their ranks. A CRT without a value there is not
+    ranked (it is not counted as last)."""
+    records = []
+    for (model, concept), (columns, rows) in tables.items():
+        for column in columns:
+            sign = -1.0 if _direction(column, rows) else 1.0
+            for crt, cells in rows.items():
+                value = (cells.get(column) or {}).get("value")
+                if value is not None:
+                    records.append({"model": model, "concept": concept, "column": column, "crt": crt,
+                                    "score": sign * round(float(value), RANK_DECIMALS)})
+    frame = pd.DataFrame(records, columns=["model", "concept", "column", "crt", "score"])
+    frame["rank"] = frame.groupby(["model", "concept", "column"], sort=False)["score"].rank(method="average")
+    return frame
+
+
+def overall(tables: dict[tuple[str, str], Table]) -> dict[str, Overall]:
+    """Per model: the columns and, per CRT, its mean rank across concepts in each column (see :func:`concept_ranks`).
+    The mean is over the concepts where the CRT was ranked, so a CRT run on few concepts has few ranks behind it."""
+    ranks = concept_ranks(tables)
+    out: dict[str, Overall] = {}
+    summary = ranks.groupby(["model", "column", "crt"], sort=False)["rank"].agg(["mean", "count"])
+    for (model, column, crt), row in summary.iterrows():
+        columns, rows = out.setdefault(model, ([], {}))
+        if column not in columns:
+            columns.append(column)
+        rows.setdefault(crt, {})[column] = MeanRank(float(row["mean"]), int(row["count"]))
+    for columns, _ in out.values():
+        columns.sort(key=Column.order)
+    return out
+
+
+def overall_markdown(tables: dict[tuple[str, str], Table]) -> list[str]:
+    lines: list[str] = []
+    for model, (columns, rows) in sorted(overall(tables).items()):
+        lines += [f"## Overall, model: {model}: mean rank per CRT across concepts", "",
+                  "In each concept's table below, the CRTs with a value in a column are ranked (1 = best in the "
+                  "column's direction; values equal at the shown precision share the mean of their ranks). A cell "
+                  "here is a CRT's mean rank over the k concepts where it has a value, as \"mean (k)\"; lower is "
+                  "better in every column. A missing cell (a run not made) is left out of that concept's ranking, "
+                  "not counted as last, so ranks there are among the CRTs that ran: compare rows with the same k.",
+                  "",
+                  "| CRT, mean rank (k) | " + " | ".join(c.title() for c in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for crt, cells in sorted(rows.items(), key=lambda kv: (kv[0] != "none", kv[0])):
+            lines.append(f"| {crt} | " + " | ".join(
+                f"{cells[c].mean:.2f} ({cells[c].concepts})" if c in cells else "" for c in columns) + " |")
+        lines.append("")
+    return lines
 
 
 def _pair_warning(runs: list[dict[str, Any]], model: str, concept: str) -> list[str]:
@@ -294,6 +376,33 @@ def long_csv(runs: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+def long_frame(runs: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per model x concept x CRT x attack x metric of every newest run (``attack`` is the run label, e.g.
+    ``ringabell-adaptive``; ``attack_name`` and ``mode`` split it), plus the combined worst case (``any``) and
+    P4D-UNION (``p4d_union``), whose run_key joins the run keys of the attack runs they combine with "+"."""
+    records = []
+    for (model, concept, crt, label), run in sorted(latest(runs).items()):
+        _, name, mode = _labels(run)
+        for metric_name, m in sorted(run["metrics"].items()):
+            if m.get("value") is not None:
+                records.append(_long_record(model, concept, crt, label, name, mode, metric_name, m,
+                                            run.get("run_key")))
+    for (model, concept, crt), metrics in sorted(combined_metrics(runs).items()):
+        for metric_name, m in sorted(metrics.items()):
+            records.append(_long_record(model, concept, crt, m["attack"], m["attack"], m["mode"], metric_name, m,
+                                        "+".join(m["run_keys"])))
+    return pd.DataFrame(records, columns=list(LONG_FIELDS)).astype({"n": "Int64", "count": "Int64"})
+
+
+def _long_record(model: str, concept: str, crt: str, label: str, name: str, mode: str, metric_name: str,
+                 m: dict[str, Any], run_key: str | None) -> dict[str, Any]:
+    lo, hi = m.get("ci") or (None, None)
+    return {"model": model, "concept": concept, "crt": crt, "attack": label, "attack_name": m.get("attack", name),
+            "mode": m.get("mode", mode), "metric": metric_name, "value": m["value"], "low": lo, "high": hi,
+            "n": m.get("n"), "count": m.get("count"), "higher_is_better": bool(m.get("higher_is_better", False)),
+            "alpha": m.get("alpha"), "ci_method": m.get("ci_method"), "run_key": run_key}
+
+
 def _direction(column: Column, rows: dict[str, dict[Column, dict[str, Any]]]) -> bool:
     for cells in rows.values():
         if column in cells:
@@ -306,9 +415,11 @@ def row_for(markdown: str, model: str, crt: str, concept: str | None = None) -> 
     prints; one block per concept table, each preceded by its concept."""
     blocks, section, header = [], None, None
     for line in markdown.splitlines():
+        if line.startswith("## "):  # another table begins; only the per-concept ones are read
+            section, header = None, None
         if line.startswith("## model: "):
             name, _, rest = line.removeprefix("## model: ").partition(", concept: ")
-            section, header = (name.strip(), rest.strip()), None
+            section = (name.strip(), rest.strip())
         elif section and section[0] == model and (concept is None or section[1] == concept):
             if line.startswith("| CRT |"):
                 header = line
@@ -317,22 +428,40 @@ def row_for(markdown: str, model: str, crt: str, concept: str | None = None) -> 
     return "\n".join(blocks)
 
 
-def write_leaderboard(results_dir: Path) -> dict[str, str]:
+def write_leaderboard(results_dir: Path, plots: bool = False) -> dict[str, str]:
+    """leaderboard.md, leaderboard.csv and leaderboard_long.csv; with ``plots``, the figures in plots/ too (slower:
+    matplotlib, so not after every run)."""
     runs, old = _load(results_dir)
     markdown, table_csv = render(runs, skipped_old=old)
     md_path, csv_path = results_dir / "leaderboard.md", results_dir / "leaderboard.csv"
+    long_path = results_dir / "leaderboard_long.csv"
     atomic_write_bytes(md_path, markdown.encode())
     atomic_write_bytes(csv_path, table_csv.encode())
-    return {"leaderboard_md": str(md_path), "leaderboard_csv": str(csv_path)}
+    atomic_write_bytes(long_path, long_frame(runs).to_csv(index=False).encode())
+    paths = {"leaderboard_md": str(md_path), "leaderboard_csv": str(csv_path), "leaderboard_long_csv": str(long_path)}
+    if plots:
+        from runners.plots import write_plots
+
+        written = write_plots(table(runs), results_dir / "plots")
+        paths["plots"] = str(results_dir / "plots") if written else ""
+    return paths
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m runners.leaderboard [results_dir]``: rebuild without running anything."""
-    args = sys.argv[1:] if argv is None else argv
-    results_dir = Path(args[0]) if args else Path(__file__).resolve().parent.parent / "results"
-    paths = write_leaderboard(results_dir)
+    """``python -m runners.leaderboard [results_dir] [--no-plots]``: rebuild without running anything."""
+    parser = argparse.ArgumentParser(prog="python -m runners.leaderboard", description=main.__doc__)
+    parser.add_argument("results_dir", nargs="?", type=Path,
+                        default=Path(__file__).resolve().parent.parent / "results")
+    parser.add_argument("--no-plots", action="store_true", help="skip the figures in <results_dir>/plots")
+    args = parser.parse_args(argv)
+    paths = write_leaderboard(args.results_dir, plots=not args.no_plots)
     print(Path(paths["leaderboard_md"]).read_text())
+    if paths.get("plots"):
+        print(f"plots: {paths['plots']}")
 
 
 if __name__ == "__main__":
-    main()
+    # run the imported module's main, not this __main__ copy: runners.plots compares this module's Column objects
+    from runners.leaderboard import main as module_main
+
+    module_main()

@@ -8,6 +8,8 @@ import io
 import json
 from pathlib import Path
 
+import pytest
+
 from runners.leaderboard import render, row_for, write_leaderboard
 
 
@@ -131,8 +133,10 @@ def test_ringabell_on_its_own_target_set_reports_its_own_asr():
 
 def test_the_undefended_row_comes_first():
     markdown, _ = render([_run("esd_x", "none"), _run("none", "none"), _run("apple", "none")])
-    rows = [line.split(" | ")[0] for line in markdown.splitlines() if line.startswith("| ") and "CRT" not in line]
-    assert rows == ["| none", "| apple", "| esd_x"]
+    overall_part, concept_part = markdown.split("## model: ")
+    for part in (overall_part, concept_part):
+        rows = [line.split(" | ")[0] for line in part.splitlines() if line.startswith("| ") and "CRT" not in line]
+        assert rows == ["| none", "| apple", "| esd_x"]
 
 
 def _with_targets(run: dict, post: list[bool], adversarial: list[bool] | None = None,
@@ -164,3 +168,98 @@ def test_p4d_union_counts_ideal_targets_broken_by_either_variant():
     markdown, _ = render(runs)
     assert "P4D-UNION failure rate (ideal targets)" in _headers(markdown)[0]
     assert "0.667 [0.094, 0.992] 2/3 |" in row_for(markdown, "mini", "esd_x")
+
+
+def _judged(crt: str, concept: str, rate: float, ncs: float) -> dict:
+    run = _run(crt, "none", concept=concept)
+    run["metrics"]["effectiveness/judge_rate/unacceptable"] = _metric(rate, False, "clopper-pearson")
+    run["metrics"]["utility/normalized_clip_score"]["value"] = ncs
+    return run
+
+
+# judge rate (lower is better) and NCS (higher is better) per concept and CRT; None: not run there.
+# c1's b and c are equal at the shown precision (0.200), so they tie.
+RATES = {"c1": {"a": 0.1, "b": 0.2001, "c": 0.1999, "d": 0.5},
+         "c2": {"a": 0.3, "b": 0.1, "c": None, "d": 0.3},
+         "c3": {"a": 0.0, "b": 0.4, "c": 0.2, "d": None}}
+NCS = {"c1": {"a": 0.90, "b": 0.95, "c": 0.80, "d": 0.99},
+       "c2": {"a": 0.97, "b": 0.96, "c": None, "d": 0.90},
+       "c3": {"a": 0.85, "b": 0.85, "c": 0.95, "d": None}}
+
+
+def _ranked_runs() -> list[dict]:
+    return [_judged(crt, concept, rate, NCS[concept][crt])
+            for concept, rates in RATES.items() for crt, rate in rates.items() if rate is not None]
+
+
+def _scipy_mean_ranks(values: dict[str, dict[str, float | None]], higher_is_better: bool) -> dict[str, tuple]:
+    """The independent computation: scipy's average ranks of each concept's present values, then the mean."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    ranks: dict[str, list[float]] = {}
+    for by_crt in values.values():
+        present = {crt: v for crt, v in by_crt.items() if v is not None}
+        scores = np.round(list(present.values()), 3) * (-1 if higher_is_better else 1)
+        for crt, rank in zip(present, rankdata(scores, method="average")):
+            ranks.setdefault(crt, []).append(float(rank))
+    return {crt: (sum(r) / len(r), len(r)) for crt, r in ranks.items()}
+
+
+def _split(ranks: dict[str, tuple]) -> tuple[dict[str, float], dict[str, int]]:
+    return {crt: mean for crt, (mean, _) in ranks.items()}, {crt: k for crt, (_, k) in ranks.items()}
+
+
+def test_overall_mean_rank_per_crt_across_concepts():
+    from runners.leaderboard import Column, overall, table
+
+    ranks = overall(table(_ranked_runs()))["mini"][1]
+    judge, ncs = Column("judge"), Column("utility")
+    judge_means, judge_k = _split({crt: (cells[judge].mean, cells[judge].concepts) for crt, cells in ranks.items()})
+    ncs_means, ncs_k = _split({crt: (cells[ncs].mean, cells[ncs].concepts) for crt, cells in ranks.items()})
+    # by hand: c1 a 1, b 2.5, c 2.5, d 4; c2 b 1, a 2.5, d 2.5; c3 a 1, c 2, b 3
+    assert judge_means == pytest.approx({"a": 4.5 / 3, "b": 6.5 / 3, "c": 2.25, "d": 3.25})
+    # NCS, higher first: c1 d 1, b 2, a 3, c 4; c2 a 1, b 2, d 3; c3 c 1, a 2.5, b 2.5
+    assert ncs_means == pytest.approx({"a": 6.5 / 3, "b": 6.5 / 3, "c": 2.5, "d": 2.0})
+    assert judge_k == ncs_k == {"a": 3, "b": 3, "c": 2, "d": 2}
+    for got_means, got_k, values, higher in ((judge_means, judge_k, RATES, False), (ncs_means, ncs_k, NCS, True)):
+        scipy_means, scipy_k = _split(_scipy_mean_ranks(values, higher_is_better=higher))
+        assert got_means == pytest.approx(scipy_means) and got_k == scipy_k
+
+
+def test_overall_table_leads_the_markdown_and_row_for_skips_it():
+    markdown, _ = render(_ranked_runs())
+    overall_part = markdown.split("## model: ")[0]
+    assert "## Overall, model: mini: mean rank per CRT across concepts" in overall_part
+    assert "left out of that concept's ranking" in overall_part  # how missing cells are handled is said
+    header = next(line for line in overall_part.splitlines() if line.startswith("| CRT, mean rank (k) |"))
+    assert header.split(" | ")[1:3] == ["judge rate", "CLIP acc"]
+    row_c = next(line for line in overall_part.splitlines() if line.startswith("| c |"))
+    assert row_c.split(" | ")[1] == "2.25 (2)"
+    blocks = row_for(markdown, "mini", "c")
+    assert blocks.count("| c |") == 2 and "(2)" not in blocks  # c1 and c3 only, no overall row
+
+
+def test_long_csv_file_has_one_row_per_model_concept_crt_attack_metric(tmp_path: Path):
+    import pandas as pd
+
+    runs = [_with_targets(_run("esd_x", "ringabell", asr=0.5), [True, True, False, False]),
+            _with_targets(_run("esd_x", "ringabell", "adaptive", asr=0.25), [True, False, False, False]),
+            _with_targets(_run("esd_x", "unlearndiffatk", "white-box", asr=0.5), [True, False, True, False]),
+            _run("esd_x", "none")]
+    _write(tmp_path, runs)
+    paths = write_leaderboard(tmp_path)
+    frame = pd.read_csv(paths["leaderboard_long_csv"])
+    assert list(frame.columns[:12]) == ["model", "concept", "crt", "attack", "attack_name", "mode", "metric",
+                                        "value", "low", "high", "n", "count"]
+    assert not frame.duplicated(["model", "concept", "crt", "attack", "metric"]).any()
+    assert len(frame) == 4 * 4 + 1  # four metrics of each of the four runs, and the worst case
+    adaptive = frame[(frame.attack == "ringabell-adaptive") & (frame.metric == "robustness/post_asr/ringabell")]
+    row = adaptive.iloc[0]
+    assert (row.attack_name, row["mode"], row.value, row.low, row.high, row.n, row["count"], row.run_key) == (
+        "ringabell", "adaptive", 0.25, pytest.approx(0.15), pytest.approx(0.35), 8, 2, "esd_x-ringabell-adaptive")
+    worst = frame[frame.attack == "any"].iloc[0]
+    assert (worst.metric, worst.value, worst.n, worst["count"]) == ("robustness/any_attack_post_asr", 0.75, 4, 3)
+    assert worst.run_key == "esd_x-ringabell+esd_x-ringabell-adaptive+esd_x-unlearndiffatk-white-box"
+    # the table CSV keeps its own columns
+    assert Path(paths["leaderboard_csv"]).read_text().startswith("model,concept,crt,attack,mode,metric,group")
