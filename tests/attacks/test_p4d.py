@@ -32,7 +32,7 @@ from crt.base import DefendedModel, replace_module
 from runners.spec import Access, PromptItem
 from tests.crt.conftest import changed_keys, state_snapshot
 
-NEEDS = frozenset({Access.UNET_GRADIENTS, Access.UNERASED_MODEL, Access.JUDGE_ORACLE})
+NEEDS = frozenset({Access.UNET_GRADIENTS, Access.UNERASED_MODEL, Access.JUDGE_ORACLE, Access.SYSTEM_QUERIES})
 
 
 # -- P4D-K layout and gradient mask -------------------------------------------------------------------------
