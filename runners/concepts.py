@@ -10,6 +10,12 @@ first template whose ``when`` conditions hold builds the text from columns: ``{t
 ``repeat_each`` (each row n times in a row, seeds unchanged) and ``drop`` (positions in the repeated list, removed).
 A row's ``case`` is its ``case_column`` value, else its 0-based data-row index in the file (before filtering), so a
 filtered I2P subset keeps I2P's own case numbers. ``skip_lines`` skips leading lines of a ``lines`` file (a header).
+
+Some prompt files may not be redistributed or downloaded by the harness (MMA-Diffusion's gated adversarial prompts) or
+were never published (Espresso's Elon Musk test prompts): their source names ``user_path`` (null until the user passes
+it) instead of a URL, and the file is read where it is, never copied. Such a set is required unless it says
+``optional: true``; an optional one is left out until given, and asking for it (as an attack's target set) without it
+fails. :func:`check_concept_inputs` checks this, and the judge's weights, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -50,6 +56,34 @@ class PromptSourceUnavailable(HarnessError):
     pass
 
 
+class JudgeWeightsMissing(HarnessError):
+    pass
+
+
+def is_user_source(source: dict[str, Any]) -> bool:
+    """A file only the user can supply: read from ``user_path``, never downloaded or copied."""
+    return "user_path" in source
+
+
+def user_source_missing(concept_key: str, set_name: str, source: dict[str, Any]) -> str:
+    """The one line that says what file a user-supplied prompt set needs and where to pass it."""
+    what = source.get("what") or "a prompt file the harness does not download"
+    gated = f"; request access at {source['gated']} and never redistribute it" if source.get("gated") else ""
+    return (f"concept {concept_key!r}: prompt set {set_name!r} needs {what}{gated}; pass "
+            f"concept.prompts.{set_name}.source.user_path=/path/to/{source.get('file') or 'prompts'}")
+
+
+def user_file(source: dict[str, Any]) -> Path:
+    """The user's own copy, checked against ``sha256`` when the config pins one."""
+    path = Path(str(source["user_path"])).expanduser()
+    if not path.is_file():
+        raise PromptSourceUnavailable(f"prompt file {path} (source.user_path) does not exist")
+    expected = source.get("sha256")
+    if expected and (got := sha256_file(path)) != expected:
+        raise PromptSourceUnavailable(f"prompt file {path} has sha256 {got}, expected {expected}: refusing to use it")
+    return path
+
+
 def _num_or_str(cell: str) -> Any:
     try:
         return float(cell)
@@ -66,6 +100,10 @@ class SourceFetcher:
     timeout_s: float = 20.0
 
     def fetch(self, source: dict[str, Any]) -> Path:
+        if is_user_source(source):
+            if not source.get("user_path"):
+                raise PromptSourceUnavailable("this prompt file is only read from source.user_path, which is not set")
+            return user_file(source)
         expected = source["sha256"]
         cached = self.cache_dir / expected
         if cached.is_file() and sha256_file(cached) == expected:
@@ -192,6 +230,13 @@ def prompt_sets(cfg: dict[str, Any], fetcher: SourceFetcher, default_seed: int,
     """Every prompt set of a concept config, each cut to its first ``max_per_set`` items when given."""
     sets: dict[str, list[PromptItem]] = {}
     for name, spec in (cfg.get("prompts") or {}).items():
+        if isinstance(spec, dict) and "source" in spec and is_user_source(spec["source"]) \
+                and not spec["source"].get("user_path"):
+            message = user_source_missing(str(cfg.get("key")), name, spec["source"])
+            if not spec.get("optional"):
+                raise PromptSourceUnavailable(message)
+            log.info("prompt set %s left out (%s)", name, message)
+            continue
         if isinstance(spec, dict) and "source" in spec:
             items = read_source(fetcher.fetch(spec["source"]), spec["source"], default_seed)
             limit = spec.get("limit")
@@ -202,6 +247,45 @@ def prompt_sets(cfg: dict[str, Any], fetcher: SourceFetcher, default_seed: int,
             raise HarnessError(f"concept {cfg.get('key')!r}: prompt set {name!r} must be a list or {{source: ...}}")
         sets[name] = items[:max_per_set] if max_per_set else items
     return sets
+
+
+def check_concept_inputs(cfg: dict[str, Any], target_set: str | None = None) -> None:
+    """Stop a run in seconds, before a model is loaded, on what only the user can supply: a required (or targeted)
+    user-supplied prompt file, and weights the judge needs that the harness cannot download (unless the run stops
+    before anything is judged). Fills in the sha256 of each given user file, so the prompt-set key names its content."""
+    concept = cfg.get("concept") or {}
+    for name, spec in (concept.get("prompts") or {}).items():
+        source = spec.get("source") if isinstance(spec, dict) else None
+        if not (isinstance(source, dict) and is_user_source(source)):
+            continue
+        if source.get("user_path"):
+            source["sha256"] = sha256_file(user_file(source))
+        elif not spec.get("optional") or name == target_set:
+            raise PromptSourceUnavailable(user_source_missing(str(concept.get("key")), name, source))
+    if cfg.get("stop_after") not in ("prompts", "fit"):
+        require_judge_weights(cfg)
+
+
+def require_judge_weights(cfg: dict[str, Any]) -> None:
+    """One line naming what the run's judge lacks and the override that supplies it (:class:`JudgeWeightsMissing`).
+
+    The judge is the concept's unless ``judge`` names another; a concept may describe what its judge's unset weights
+    must be (``judge_needs``: e.g. a celebrity recogniser, which no one publishes for download)."""
+    from metrics.judges import missing_weights
+
+    chosen = dict(cfg.get("judge") or {})
+    concept = cfg.get("concept") or {}
+    from_concept = chosen.pop("from_concept", True)
+    judge, prefix = (dict(concept.get("judge") or {}), "concept.judge") if from_concept else (chosen, "judge")
+    if not judge:
+        return
+    missing = missing_weights(judge)
+    if missing is None:
+        return
+    needs = (concept.get("judge_needs") if from_concept and missing.unset else None) or missing.needs
+    name = judge.get("name") or judge.get("handler")
+    raise JudgeWeightsMissing(f"concept {concept.get('key')!r}: judge {name!r} needs {needs}; pass "
+                              f"{prefix}.{missing.param}={missing.example}, or score with another judge (judge=...)")
 
 
 def concept_spec(cfg: dict[str, Any], sets: dict[str, list[PromptItem]]) -> ConceptSpec:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from attacks.base import DEFAULT_TARGET_SET, AdversarialPrompt, Attack, AttackContext, AttackCost, check_compatible
 from crt.base import CRT, Artifact, DefendedModel, FitContext
-from runners import registry
+from runners import concepts, registry
 from runners.concepts import SourceFetcher, concept_spec, items_from_json, items_to_json, prompt_sets
 from runners.generate import Counters, ImageMaker, ImageRecord, ImageRequest, System, base_system
 from runners.models import HarnessError, ModelHandle, PipelineCache, numerics_versions
@@ -93,6 +93,7 @@ def prepare(cfg: dict[str, Any], root: Path, pipelines: PipelineCache | None = N
     crt = registry.build_crt(cfg["crt"], model_name, cfg.get("concept"))
     attack = registry.build_attack(cfg["attack"], model_name, cfg.get("concept"))
     check_compatible(attack, DefendedModel(pipe=None, crt_name=crt.name, exposes=frozenset(crt.exposes)))
+    concepts.check_concept_inputs(cfg, attack.target_set)  # user-supplied files and judge weights, before the model
     store = Store(_resolve(root, cfg["store"]["root"]))
     settings = generation_settings(cfg)
     model = (pipelines or PipelineCache()).open(cfg["model"], root, store, settings.scheduler)

@@ -7,10 +7,11 @@ the plug-in form of ``conf/judge/*.yaml``: ``{handler: metrics.judges.NudeNetJud
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from metrics.judges.base import Judge, JudgeUnavailable, JudgeVerdict
+from metrics.judges import q16, resnet, style
+from metrics.judges.base import Judge, JudgeUnavailable, JudgeVerdict, MissingWeights
 from metrics.judges.nudenet import DETECTOR_FILES as NUDENET_DETECTOR_FILES
 from metrics.judges.nudenet import PRESETS as NUDENET_PRESETS
 from metrics.judges.nudenet import NudeNetJudge, OnnxNudeDetector
@@ -23,9 +24,12 @@ JUDGES: dict[str, type[Judge]] = {"nudenet": NudeNetJudge, "q16": Q16Judge, "res
                                   "world": WorldJudge, "vangogh_style": StyleClassifierJudge,
                                   "style_classifier": StyleClassifierJudge}
 
+MISSING_WEIGHTS: dict[type[Judge], Callable[[dict[str, Any]], MissingWeights | None]] = {
+    Q16Judge: q16.missing_weights, ResNet50Judge: resnet.missing_weights, StyleClassifierJudge: style.missing_weights}
+
 __all__ = ["IMAGENET_CLASSES", "JUDGES", "NUDENET_DETECTOR_FILES", "NUDENET_PRESETS", "Judge", "JudgeUnavailable",
-           "JudgeVerdict", "NudeNetJudge", "OnnxNudeDetector", "Q16Judge", "ResNet50Judge", "StyleClassifierJudge",
-           "WorldJudge", "build_judge"]
+           "JudgeVerdict", "MissingWeights", "NudeNetJudge", "OnnxNudeDetector", "Q16Judge", "ResNet50Judge",
+           "StyleClassifierJudge", "WorldJudge", "build_judge", "missing_weights"]
 
 
 def _handler(path: str) -> type[Judge]:
@@ -61,3 +65,15 @@ def build_judge(cfg: Mapping[str, Any]) -> Judge:
     if cls is WorldJudge and "predicate" in params:
         params["predicate"] = dict(params["predicate"])
     return cls(**params)
+
+
+def missing_weights(cfg: Mapping[str, Any]) -> MissingWeights | None:
+    """What the judge of ``cfg`` (either form of :func:`build_judge`) lacks to be built, checked without loading any
+    weights; None when nothing is known to be missing (a judge without such a check always passes)."""
+    cfg = dict(cfg)
+    if "handler" in cfg:
+        cls, params = _handler(cfg["handler"]), dict(cfg.get("params") or {})
+    else:
+        cls, params = JUDGES.get(cfg.pop("name", None)), cfg
+    check = MISSING_WEIGHTS.get(cls) if cls else None
+    return check(params) if check else None

@@ -15,6 +15,28 @@ class JudgeUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True)
+class MissingWeights:
+    """What a judge lacks before it can be built, found without loading anything, so a run can stop before it
+    generates: ``param`` to pass, what it must hold (``needs``), an ``example`` value; ``unset`` when the param was
+    not given at all (the caller may then describe what the concept wants there)."""
+
+    param: str
+    needs: str
+    example: str
+    unset: bool = False
+
+
+def offline_and_uncached(repo_id: str, filenames: Sequence[str]) -> bool:
+    """True when HF_HUB_OFFLINE is set and none of ``filenames`` of ``repo_id`` is in the local hub cache."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return False
+    return not any(isinstance(try_to_load_from_cache(repo_id, name, cache_dir=constants.HF_HUB_CACHE), str)
+                   for name in filenames)
+
+
+@dataclass(frozen=True)
 class JudgeVerdict:
     """``positive``: the concept is present (attack success); ``score``: the judge's confidence in that;
     ``labels``: the judge-specific evidence (NudeNet class -> best box score, world family -> label, ...)."""

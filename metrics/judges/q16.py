@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from metrics.evaluators import ClipEvaluator, OpenClipEvaluator
-from metrics.judges.base import Judge, JudgeUnavailable, JudgeVerdict
+from metrics.judges.base import Judge, JudgeUnavailable, JudgeVerdict, MissingWeights, offline_and_uncached
 from runners.spec import sha256_file
 
 Q16_COMMIT = "33de788767bbe33cf77a5f6df931cd86c71f294f"
@@ -83,6 +83,43 @@ def fetch_q16_prompts(cache_dir: str | Path | None = None, url: str = Q16_URL, s
         raise JudgeUnavailable(f"Q16 prompt file from {url} has sha256 {got}, expected {sha256}")
     os.replace(tmp, target)
     return target
+
+
+def missing_weights(params: dict[str, Any]) -> MissingWeights | None:
+    """Q16's CLIP (open_clip ViT-L-14 'openai' unless ``evaluator`` says otherwise) when HF_HUB_OFFLINE is set and it
+    is not in the hub cache, or a given prompt file or checkpoint that is not there. The prompt embeddings themselves
+    are a pinned download of a few kB, fetched when the judge is built."""
+    prompts_path = params.get("prompts_path")
+    if prompts_path and not Path(str(prompts_path)).expanduser().is_file():
+        return MissingWeights("prompts_path", f"Q16's prompt file (sha256 {Q16_SHA256}); there is none at"
+                                              f" {prompts_path}", "/path/to/prompts.p")
+    evaluator = params.get("evaluator")
+    if evaluator is None:
+        return _missing_clip("evaluator", "ViT-L-14", "openai",
+                             "{backend:open_clip,model:ViT-L-14,pretrained:/path/to/ViT-L-14.pt}")
+    if isinstance(evaluator, dict) and evaluator.get("backend", "open_clip") == "open_clip":
+        return _missing_clip("evaluator.pretrained", str(evaluator.get("model", "ViT-L-14")),
+                             str(evaluator.get("pretrained", "openai")), "/path/to/ViT-L-14.pt")
+    return None
+
+
+def _missing_clip(param: str, model: str, pretrained: str, example: str) -> MissingWeights | None:
+    import open_clip
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    if Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in pretrained:
+        if Path(pretrained).expanduser().is_file():
+            return None
+        return MissingWeights(param, f"Q16's CLIP {model} checkpoint; there is no file at {pretrained}", example)
+    hub = open_clip.get_pretrained_cfg(model, pretrained).get("hf_hub", "")
+    repo_id, filename = os.path.split(hub)  # open_clip's form: "org/model/" or "org/model/file"
+    if not repo_id:
+        return None
+    names = [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
+    if not offline_and_uncached(repo_id, names):
+        return None
+    return MissingWeights(param, f"Q16's CLIP, open_clip {model} {pretrained!r} ({repo_id} on the hub), which is not in"
+                                 " the hub cache (HF_HUB_OFFLINE is set)", example)
 
 
 class Q16Judge(Judge):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from metrics.evaluators import default_device
 from metrics.identity import short, source_name, state_dict_sha256
-from metrics.judges.base import Judge, JudgeUnavailable, JudgeVerdict
+from metrics.judges.base import Judge, JudgeUnavailable, JudgeVerdict, MissingWeights, offline_and_uncached
 
 RESNET50 = "microsoft/resnet-50"
 IMAGENET_CLASSES: dict[str, int] = {
@@ -29,6 +29,16 @@ def resolve_class(class_id: int | str) -> int:
     if key not in IMAGENET_CLASSES:
         raise ValueError(f"unknown object preset {class_id!r}; known: {sorted(IMAGENET_CLASSES)} or an ImageNet id")
     return IMAGENET_CLASSES[key]
+
+
+def missing_weights(params: dict[str, Any]) -> MissingWeights | None:
+    """The classifier, when HF_HUB_OFFLINE is set and it is neither a local folder nor in the hub cache."""
+    path = str(params.get("path") or RESNET50)
+    local = Path(path).expanduser()
+    if local.is_dir() or not offline_and_uncached(path, ["config.json"]):
+        return None
+    return MissingWeights("path", f"the image classifier {path!r}, which is not in the hub cache (HF_HUB_OFFLINE is"
+                                  " set)", f"/path/to/{RESNET50.rsplit('/', 1)[-1]}")
 
 
 class ResNet50Judge(Judge):

@@ -17,9 +17,25 @@ from PIL import Image
 
 from metrics.evaluators import default_device
 from metrics.identity import short, source_name, state_dict_sha256
-from metrics.judges.base import Judge, JudgeUnavailable, JudgeVerdict
+from metrics.judges.base import Judge, JudgeUnavailable, JudgeVerdict, MissingWeights
 
 STYLE_PRESETS: dict[str, dict[str, Any]] = {"unlearndiffatk": {"label": "vincent-van-gogh", "top_k": 1}}
+PRESET_WEIGHTS = {"unlearndiffatk": "UnlearnDiffAtk's artist classifier (results/checkpoint-2800, distributed only"
+                                    " through the Google Drive link in the OPTML-Group/Diffusion-MU-Attack README)"}
+
+
+def missing_weights(params: dict[str, Any]) -> MissingWeights | None:
+    """The classifier folder, when it is not given or not there (nothing is downloaded for this judge)."""
+    path = params.get("path")
+    if path and Path(str(path)).expanduser().is_dir():
+        return None
+    preset = params.get("preset", "unlearndiffatk")
+    label = params.get("label") or STYLE_PRESETS.get(preset or "", {}).get("label")
+    needs = PRESET_WEIGHTS.get(preset or "") or (f"a transformers image-classification folder with the label {label!r}"
+                                                 " (none is downloaded)")
+    if path:
+        needs = f"{needs}; there is no folder at {path}"
+    return MissingWeights("path", needs, "/path/to/classifier/folder", unset=not path)
 
 
 class StyleClassifierJudge(Judge):

@@ -72,16 +72,6 @@ def test_offline_download_fails_with_a_clear_message(tmp_path):
         SourceFetcher(tmp_path, timeout_s=2).fetch(source)
 
 
-@pytest.mark.parametrize("name", REAL_CONCEPTS)
-def test_real_concepts_declare_checksummed_sources(name):
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "concept" / f"{name}.yaml"))["concept"]
-    assert cfg["model"] == "sd14" and cfg["c_u"] and cfg["c_a"] and cfg["judge"]["name"]
-    for set_name, spec in cfg["prompts"].items():
-        source = spec["source"]
-        assert source["url"].startswith("https://raw.githubusercontent.com/"), set_name
-        assert len(source["sha256"]) == 64 and source["path"]
-
-
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="no local copy of the published prompt files")
 @pytest.mark.parametrize("name", REAL_CONCEPTS)
 def test_real_concept_prompt_sets_load_from_a_mirror(name, tmp_path):
@@ -182,10 +172,15 @@ EXPECTED_PLUGIN_PARAMS = {
     "church": {"esd_x": {"concept": "church"}, "esd_u": {"concept": "church"},
                "uce": {"erase": ["church"], "guide": ""}, "uce_eot": {"erase": ["church"], "guide": ""},
                "unlearndiffatk": {"k": 3}, "p4d_uda": {"k": 3}},
+    **{key: {"esd_x": {"concept": text}, "esd_u": {"concept": text}, "uce": {"erase": [text], "guide": ""},
+             "uce_eot": {"erase": [text], "guide": ""}, "unlearndiffatk": {"k": 3}, "p4d_uda": {"k": 3}}
+       for key, text in [("garbage_truck", "garbage truck"), ("parachute", "parachute"), ("tench", "tench"),
+                         ("french_horn", "French horn")]},
+    "car": {"esd_x": {"concept": "car"}, "esd_u": {"concept": "car"}},
 }
 
 
-@pytest.mark.parametrize("name", REAL_CONCEPTS)
+@pytest.mark.parametrize("name", sorted(EXPECTED_PLUGIN_PARAMS))
 def test_real_concepts_set_each_papers_protocol_through_plugin_params(name):
     """ESD/UCE erase the papers' texts ("nudity", "Van Gogh"; UCE's guide "art" for art), UnlearnDiffAtk's k = 3 for
     objects and Van Gogh, Espresso's 3 images per nudity caption, Ring-A-Bell's own sets; every entry names a param
