@@ -256,6 +256,20 @@ def test_q16s_clip_missing_offline_stops_the_run_in_one_line(monkeypatch, tmp_pa
     check_concept_inputs(run_cfg("violence"))  # online: the hub download happens when the judge is built
 
 
+def test_an_object_judge_missing_offline_stops_the_run_in_one_line(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    with pytest.raises(JudgeWeightsMissing) as error:
+        check_concept_inputs(run_cfg("tench"))
+    assert str(error.value) == (
+        "concept 'tench': judge 'resnet50' needs the image classifier 'microsoft/resnet-50', which is not in the hub "
+        "cache (HF_HUB_OFFLINE is set); pass concept.judge.path=/path/to/resnet-50, or score with another judge "
+        "(judge=...)")
+    check_concept_inputs(run_cfg("tench", f"concept.judge.path={tmp_path}"))
+
+
 def test_the_check_runs_before_the_model_is_looked_for(tmp_path):
     """prepare() stops on the judge's weights before it looks for SD v1.4 (which is not here either)."""
     from runners.stages import prepare
