@@ -29,13 +29,18 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+options = $(shell ls conf/$(1)/*.yaml | sed 's|.*/||; s|\.yaml$$||' | paste -sd, -)
 WORLD_CONCEPTS := $(shell ls conf/concept/world_*.yaml | sed 's|.*/||; s|\.yaml$$||' | paste -sd, -)
-CRTS ?= none,espresso,esd_x,esd_u,uce,uce_eot,ca,ca_noise,trce_stage1,trce,p_esd,p_ca,conceptprune,shielddiff
-ATTACKS ?= none,ringabell,unlearndiffatk
+CRTS ?= $(call options,crt)
+ATTACKS ?= $(call options,attack)
+# Adaptive variants run against the filters; an attack without one is refused in one line and the sweep goes on.
+ADAPTIVE_ATTACKS ?= $(ATTACKS)
+FILTER_CRTS ?= espresso
+CONCEPTS ?= $(WORLD_CONCEPTS)
 leaderboard: $(STAMP)  ## every world concept x CRT x attack (resumable; committed run keys are skipped), then the tables
-	$(PY) run.py -m concept=$(WORLD_CONCEPTS) crt=$(CRTS) attack=$(ATTACKS) \
+	$(PY) run.py -m concept=$(CONCEPTS) crt=$(CRTS) attack=$(ATTACKS) \
 		progress=false results.leaderboard=false
-	$(PY) run.py -m concept=$(WORLD_CONCEPTS) crt=espresso attack=ringabell,unlearndiffatk attack.adaptive=true \
+	$(PY) run.py -m concept=$(CONCEPTS) crt=$(FILTER_CRTS) attack=$(ADAPTIVE_ATTACKS) attack.adaptive=true \
 		progress=false results.leaderboard=false
 	$(PY) -m runners.leaderboard results
 	$(PY) -m runners.claims results > /dev/null

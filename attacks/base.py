@@ -95,7 +95,7 @@ class Attack(ABC):
 
     def __init__(self, adaptive: bool = False, **params: Any):
         if adaptive and self.no_adaptive is not None:
-            raise ValueError(self.no_adaptive.format(name=self.name))
+            raise IncompatibleAttack(self.no_adaptive.format(name=self.name))
         self.adaptive = adaptive
         self.params = params
 

@@ -14,6 +14,7 @@ class NoAttack(Attack):
     name: ClassVar[str] = "none"
     requires: ClassVar[frozenset[Access]] = frozenset()
     output: ClassVar[Literal["text", "embedding"]] = "text"
+    no_adaptive: ClassVar[str | None] = "attack=none searches nothing, so it has no adaptive variant"
 
     def run(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
         return []

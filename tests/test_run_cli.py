@@ -45,7 +45,8 @@ def test_a_refused_job_does_not_end_the_sweep(tmp_path: Path):
                   f"hydra.sweep.dir={tmp_path / 'multirun'}", timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and all("needs ['filter_score']" in line for line in errors), errors
+    assert len(errors) == 2, errors
+    assert "attack=none searches nothing" in errors[0] and "needs ['filter_score']" in errors[1], errors
     assert "#1 : concept=world_nudity crt=none attack=ringabell" in result.stdout + result.stderr
 
 

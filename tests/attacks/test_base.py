@@ -13,6 +13,7 @@ from attacks.base import (
     AdversarialPrompt,
     AttackContext,
     AttackCost,
+    IncompatibleAttack,
     check_compatible,
     reference_per_target,
     require_context,
@@ -82,7 +83,7 @@ def test_an_attack_that_queries_the_system_declares_it(name: str):
 # What an attack without an adaptive variant refuses with, by config name: each declares it once (Attack.no_adaptive).
 NO_ADAPTIVE = {"mma": "MMA-Diffusion's text attack", "sneakyprompt": "SneakyPrompt already searches",
                "p4d_n": "p4d_n has no adaptive variant", "p4d_k": "p4d_k has no adaptive variant",
-               "p4d_uda": "p4d_uda has no adaptive variant"}
+               "p4d_uda": "p4d_uda has no adaptive variant", "none": "attack=none searches nothing"}
 
 
 @pytest.mark.parametrize("name", available("attack"))
@@ -92,7 +93,7 @@ def test_adaptive_is_refused_exactly_by_the_attacks_that_declare_no_adaptive_var
     if name not in NO_ADAPTIVE:
         assert attack_class.no_adaptive is None
         return
-    with pytest.raises(ValueError, match=NO_ADAPTIVE[name]):
+    with pytest.raises(IncompatibleAttack, match=NO_ADAPTIVE[name]):  # one line in a sweep, which goes on
         build_attack({**cfg, "adaptive": True}, "mini")
 
 
