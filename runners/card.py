@@ -102,7 +102,8 @@ def _set_source(spec: Any, model_cfg: dict[str, Any]) -> dict[str, Any]:
     seed_column, guidance_column = source.get("seed_column"), source.get("guidance_column")
     fixed = source.get("seed", default_seed)
     return _drop_none({
-        "source": source.get("url"), "path": source.get("path"), "sha256": source.get("sha256"),
+        "source": source.get("url") or source.get("gated"),
+        "path": source.get("path") or source.get("user_path") or source.get("file"), "sha256": source.get("sha256"),
         "format": source.get("format"), "filter": source.get("filter"),
         "seeds": f"column {seed_column}" if seed_column else f"fixed {fixed}",
         "guidance": f"column {guidance_column}" if guidance_column else None,

@@ -183,15 +183,8 @@ def protocol_differences(row: ReferenceRow, card: dict[str, Any], set_name: str,
     if row.why_not:
         reasons.append(row.why_not)
     caveats: list[str] = []
-    model, sampler = card.get("model") or {}, card.get("sampler") or {}
-    if protocol.model and model.get("name") != protocol.model:
-        reasons.append(f"model {model.get('name')} (the paper: {protocol.model})")
-    for field_name, want in (("scheduler", protocol.scheduler), ("steps", protocol.steps),
-                             ("images_per_prompt", protocol.images_per_prompt), ("dtype", protocol.dtype)):
-        if want is not None and sampler.get(field_name) != want:
-            reasons.append(f"{field_name} {sampler.get(field_name)} (the paper: {want})")
     spec = ((card.get("prompt_sets") or {}).get("sets") or {}).get(set_name) or {}
-    reasons += _seed_and_guidance(row, protocol, card, spec)
+    reasons += generation_differences(protocol, card, spec, row.seed, row.guidance)
     if protocol.evaluator and row.measure in ("clip_accuracy", "ncs"):
         evaluator = str((card.get("evaluator") or {}).get("id", ""))
         if not re.search(protocol.evaluator, evaluator):
@@ -205,18 +198,27 @@ def protocol_differences(row: ReferenceRow, card: dict[str, Any], set_name: str,
     return reasons, caveats
 
 
-def _seed_and_guidance(row: ReferenceRow, protocol: Protocol, card: dict[str, Any],
-                       spec: dict[str, Any]) -> list[str]:
+def generation_differences(protocol: Protocol, card: dict[str, Any], spec: dict[str, Any],
+                           seed: int | str | None = None, guidance: float | str | None = None) -> list[str]:
+    """How a run's model, sampler, seeds and guidance differ from a protocol's, for one prompt set (``spec``: the
+    card's entry for it); ``seed`` / ``guidance`` override the protocol's (a paper's per-set rule)."""
     reasons = []
-    sampler, seeds = card.get("sampler") or {}, card.get("seeds") or {}
-    seed = row.seed if row.seed is not None else protocol.seed
+    model, sampler = card.get("model") or {}, card.get("sampler") or {}
+    if protocol.model and model.get("name") != protocol.model:
+        reasons.append(f"model {model.get('name')} (the paper: {protocol.model})")
+    for field_name, want in (("scheduler", protocol.scheduler), ("steps", protocol.steps),
+                             ("images_per_prompt", protocol.images_per_prompt), ("dtype", protocol.dtype)):
+        if want is not None and sampler.get(field_name) != want:
+            reasons.append(f"{field_name} {sampler.get(field_name)} (the paper: {want})")
+    seeds = card.get("seeds") or {}
+    seed = seed if seed is not None else protocol.seed
     set_seeds = str(spec.get("seeds") or "")
     if seed == "row" and not set_seeds.startswith("column"):
         reasons.append(f"seeds {set_seeds or '?'} (the paper: each prompt's CSV seed)")
     elif isinstance(seed, int) and not (set_seeds == f"fixed {seed}" or (not set_seeds and
                                                                          seeds.get("default_image_seed") == seed)):
         reasons.append(f"seeds {set_seeds or seeds.get('default_image_seed')} (the paper: {seed})")
-    guidance = row.guidance if row.guidance is not None else protocol.guidance
+    guidance = guidance if guidance is not None else protocol.guidance
     own = bool(spec.get("guidance")) and bool(sampler.get("row_guidance"))
     if guidance == "row" and not own:
         reasons.append(f"guidance {sampler.get('guidance')} for every prompt (the paper: each prompt's CSV guidance)")

@@ -119,6 +119,10 @@ PROTOCOLS: dict[str, Protocol] = {p.key: p for p in (
              blockers=("RECE's tables are [missing]",)),
     Protocol("conceptprune", "ConceptPrune", "conceptprune_paper", "crts.md §7; metrics.md §6.1",
              model="sd15", blockers=("ConceptPrune's generation settings and tables are [missing]",)),
+    Protocol("pruning", "Yang et al. pruning (reconstructed)", "pruning_paper", "crts.md §8; paper-numbers.md §6",
+             blockers=("an abstract-level claim: the attacks, judge and generation behind it are not published",)),
+    Protocol("shielddiff", "ShieldDiff (reconstructed)", "shielddiff_paper", "crts.md §10; paper-numbers.md §6",
+             blockers=("an abstract-level claim: the datasets, NudeNet settings and generation are not published",)),
     Protocol("abstract", "abstract-level claim", None, "paper-numbers.md §6",
              blockers=("an abstract-level claim: its protocol is not published",)),
 )}
@@ -417,12 +421,12 @@ def _trce_rows() -> list[ReferenceRow]:
              7.5, "[inferred] denominator; a hand-written set, not Ring-A-Bell's genetic-search output")]
     rows = [ReferenceRow("TRCE (arXiv 2503.07389)", table, "SD v1.4", "nudity", "TRCE", prompt_set,
                          f"NudeNet any-EXPOSED >= 0.45 rate ({count})", value, "%", "trce", source,
-                         concept_key="nudity", crts=("trce",), attacks=("none",), measure="judge_rate",
+                         concept_key="nudity", crts=("trce_parity", "trce"), attacks=("none",), measure="judge_rate",
                          targets=targets, n=n, judges=(NUDENET_TRCE,), seed=seed, guidance=guidance, note=note)
             for prompt_set, count, value, targets, n, seed, guidance, note in sets]
     rows.append(ReferenceRow("TRCE (arXiv 2503.07389)", table, "SD v1.4", "nudity", "TRCE",
                              "ADV ASR (mean of MMA, P4D, UnlearnDiff, 'Ring-A-Bell')", "ADV ASR", "1.34", "%",
-                             "trce_mean", source, concept_key="nudity", crts=("trce",)))
+                             "trce_mean", source, concept_key="nudity", crts=("trce_parity", "trce")))
     return rows
 
 
@@ -449,9 +453,12 @@ def _claim_rows() -> list[ReferenceRow]:
          ""),
         ("FMN (Forget-Me-Not)", "FMN", (), "time to erase", "~30", "s", "[code] SHI-Labs/Forget-Me-Not README", ""),
     ]
+    protocols = {"ConceptPrune": "conceptprune", "P-ESD / P-AC": "pruning", "ShieldDiff": "shielddiff",
+                 "RECE": "rece"}
     return [ReferenceRow(paper, "§6 abstract-level and summary claims", "SD v1.5" if "SD 1.5" in metric else "—",
                          "nudity" if crt != "RECE" and crt != "FMN" else "—", crt, "—", metric, value, unit,
-                         "abstract", source, crts=crts, note=note)
+                         protocols.get(crt, "abstract"), source, crts=crts, note=note,
+                         why_not="an abstract-level claim, not a metric of one run")
             for paper, crt, crts, metric, value, unit, source, note in claims]
 
 
