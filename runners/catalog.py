@@ -6,8 +6,8 @@ family, declared access, paper and defaults are, without reading every YAML file
 
 - CRTs and attacks are composed as Hydra composes them (a YAML's ``defaults`` list included) and built through
   :mod:`runners.registry` with their default params, as a run builds them; constructors only parse params, so no
-  model is loaded. Adaptive variants are built with ``adaptive: true``; an attack whose constructor refuses that has
-  none (the reason is listed), and the no-attack has nothing to adapt.
+  model is loaded. Adaptive variants are built with ``adaptive: true``; an attack whose constructor refuses that
+  (``Attack.no_adaptive``) has none, and its reason is listed.
 - Judges are resolved to their class and never built: a judge's constructor loads its weights.
 - Concepts and models are read from their composed config.
 - The compatibility matrix asks :func:`attacks.base.check_compatible` (the runner's own check, before any work) for
@@ -135,15 +135,12 @@ def build_plugins(conf_dir: Path = CONF_DIR) -> tuple[dict[str, tuple[dict[str, 
 
 
 def attack_variants(attacks: dict[str, tuple[dict[str, Any], Attack]]) -> tuple[dict[str, Attack], dict[str, str]]:
-    """Every attack and, where its constructor accepts ``adaptive: true``, its adaptive variant (label
-    ``<name>-adaptive``); the others with the reason their constructor gives."""
+    """Every attack and, where its constructor accepts ``adaptive: true`` as a run would build it, its adaptive
+    variant (label ``<name>-adaptive``); the others with the reason their constructor gives."""
     variants: dict[str, Attack] = {}
     refused: dict[str, str] = {}
     for name, (cfg, attack) in attacks.items():
         variants[name] = attack
-        if name == "none":
-            refused[name] = "nothing is searched, so there is nothing to adapt"
-            continue
         try:
             variants[name + ADAPTIVE_SUFFIX] = registry.build_attack({**cfg, "adaptive": True})
         except ValueError as error:

@@ -93,6 +93,8 @@ def test_adaptive_variants_and_the_cells_they_make(built: dict[str, Any]):
     assert {"ringabell-adaptive", "unlearndiffatk-adaptive", "pez-adaptive", "cce-adaptive"} <= set(variants)
     assert all(variants[label].mode == "adaptive" for label in variants if label.endswith("-adaptive"))
     assert {"none", "mma", "p4d_n", "p4d_k", "sneakyprompt"} <= set(no_adaptive)
+    declared = {name for name, (_, attack) in built["attacks"].items() if getattr(attack, "no_adaptive", None)}
+    assert set(no_adaptive) == declared  # exactly the attacks that declare they have no adaptive variant
     assert not set(no_adaptive) & {label.removesuffix("-adaptive") for label in variants if "-" in label}
     crts = {name: crt for name, (_, crt) in built["crts"].items()}
     cells = {(c.crt, c.attack): c for c in compatibility(crts, variants)}
