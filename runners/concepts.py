@@ -238,15 +238,33 @@ def prompt_sets(cfg: dict[str, Any], fetcher: SourceFetcher, default_seed: int,
             log.info("prompt set %s left out (%s)", name, message)
             continue
         if isinstance(spec, dict) and "source" in spec:
-            items = read_source(fetcher.fetch(spec["source"]), spec["source"], default_seed)
+            items = _read_named(cfg, name, fetcher.fetch(spec["source"]), spec["source"], default_seed)
             limit = spec.get("limit")
             items = items[:limit] if limit else items
         elif isinstance(spec, list):
             items = inline_items(spec)
         else:
             raise HarnessError(f"concept {cfg.get('key')!r}: prompt set {name!r} must be a list or {{source: ...}}")
+        if not items:
+            raise HarnessError(f"concept {cfg.get('key')!r}: prompt set {name!r} is empty; give it prompts, or loosen "
+                               f"its source's filter")
         sets[name] = items[:max_per_set] if max_per_set else items
     return sets
+
+
+def _read_named(cfg: dict[str, Any], name: str, path: Path, source: dict[str, Any],
+                default_seed: int) -> list[PromptItem]:
+    """``read_source``, with a malformed file (a missing column, a seed that is not a number, bad bytes) reported as
+    one line naming the concept, the set and the file."""
+    file_name = Path(str(source.get("path") or source.get("user_path") or source.get("url") or path)).name
+    try:
+        return read_source(path, source, default_seed)
+    except KeyError as error:
+        raise HarnessError(f"concept {cfg.get('key')!r}: prompt set {name!r}: {file_name} has no column {error} "
+                           f"(set the source's text_column / seed_column to one it has)") from None
+    except (ValueError, csv.Error, UnicodeDecodeError) as error:
+        raise HarnessError(f"concept {cfg.get('key')!r}: prompt set {name!r}: {file_name} is malformed "
+                           f"({str(error).splitlines()[0][:160]})") from None
 
 
 def check_concept_inputs(cfg: dict[str, Any], target_set: str | None = None) -> None:

@@ -198,3 +198,28 @@ def test_real_concepts_set_each_papers_protocol_through_plugin_params(name):
         for key, value in values.items():
             if key.endswith("_set"):
                 assert value in concept["prompts"], (plugin, key)
+
+
+@pytest.mark.parametrize(("text", "fields", "words"), [
+    ("case,caption\n1,a church\n", {}, ["set 'unacceptable'", "p.csv has no column 'prompt'", "text_column"]),
+    ("prompt,seed\na church,abc\n", {"seed_column": "seed"}, ["set 'unacceptable'", "p.csv is malformed", "abc"]),
+    ("prompt,class\na church,church\n", {"filter": [{"column": "class", "eq": "tench"}]},
+     ["set 'unacceptable' is empty", "filter"]),
+    (b"prompt\n\xff\xfe church\n", {}, ["p.csv is malformed", "utf-8"]),
+])
+def test_a_malformed_or_empty_prompt_file_is_one_line_naming_the_set(tmp_path, text, fields, words):
+    raw = text if isinstance(text, bytes) else text.encode()
+    path = tmp_path / "mirror" / "src" / "p.csv"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(raw)
+    source = {"url": "http://127.0.0.1:9/p.csv", "path": "src/p.csv", "sha256": hashlib.sha256(raw).hexdigest(),
+              "format": "csv", **fields}
+    cfg = {"key": "toy", "prompts": {"unacceptable": {"source": source}}}
+    with pytest.raises(HarnessError) as error:
+        prompt_sets(cfg, SourceFetcher(tmp_path / "cache", [tmp_path / "mirror"], timeout_s=1), default_seed=0)
+    assert "\n" not in str(error.value) and all(w in str(error.value) for w in words), str(error.value)
+
+
+def test_an_empty_inline_set_is_one_line():
+    with pytest.raises(HarnessError, match="concept 'toy': prompt set 'acceptable' is empty"):
+        prompt_sets({"key": "toy", "prompts": {"acceptable": []}}, SourceFetcher(Path("/nonexistent")), 0)
