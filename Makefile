@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-crt-bench
 ARGS ?=
 
-.PHONY: install run test test-slow lint leaderboard leaderboard-table world world-check
+.PHONY: install run test test-slow lint leaderboard leaderboard-table catalog world world-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +45,11 @@ leaderboard: $(STAMP)  ## every world concept x CRT x attack (resumable; committ
 	$(PY) -m runners.leaderboard results
 	$(PY) -m runners.claims results > /dev/null
 
-leaderboard-table: $(STAMP)  ## only rebuild results/leaderboard.md and .csv from results/runs/*.json
+leaderboard-table: $(STAMP)  ## only rebuild results/leaderboard.md, .csv, leaderboard_long.csv and plots/ from results/runs/*.json
 	$(PY) -m runners.leaderboard results
+
+catalog: $(STAMP)  ## plug-ins with their access and defaults, and the CRT x attack compatibility matrix
+	$(PY) -m runners.catalog
 
 world: $(STAMP)  ## retrain the miniature world (hours on 2 cores; resumable)
 	PYTHON=$(PY) bash world/train_all.sh
