@@ -403,7 +403,7 @@ def _ca_rows() -> list[ReferenceRow]:
             ("CA (inappropriate recipe)", ("ca",), "inappropriate", "% I2P images inappropriate (Q16 ∪ NudeNet)",
              "32.97")]
     return [ReferenceRow("Concept Ablation (ICCV 2023)", table, "SD v1.4", concept, crt, "none", metric, value, "%",
-                         "ca_readme", source, concept_key="nudity" if concept == "nudity" else None, crts=crts,
+                         "ca_readme", source, concept_key="nudity" if concept == "nudity" else "i2p", crts=crts,
                          attacks=("none",), measure="judge_rate", targets=("*i2p*",))
             for crt, crts, concept, metric, value in rows]
 
