@@ -81,7 +81,7 @@ PROTOCOLS: dict[str, Protocol] = {p.key: p for p in (
     Protocol("uda_style", "UnlearnDiffAtk benchmark, Van Gogh (top-k style classifier)", "unlearndiffatk_paper",
              UDA_SOURCE, scheduler="lms", steps=50, guidance="row", seed="row", images_per_prompt=1,
              blockers=("the k of the top-k Van Gogh rule behind the published table is [missing] "
-                       "(metrics.md §6.4), and metrics/ has no Van Gogh classifier yet",)),
+                       "(metrics.md §6.4)",)),
     Protocol("uda_utility", "AdvUnlearn/UnlearnDiffAtk utility: FID and CLIP on COCO-10k", "unlearndiffatk_paper",
              "metrics.md §2, §8 (OPTML-Group/AdvUnlearn train-scripts/img_retain_eval.py)", scheduler="lms",
              steps=100, guidance=7.5, seed="row", images_per_prompt=1,
@@ -123,7 +123,7 @@ PROTOCOLS: dict[str, Protocol] = {p.key: p for p in (
              blockers=("an abstract-level claim: the attacks, judge and generation behind it are not published",)),
     Protocol("shielddiff", "ShieldDiff (reconstructed)", "shielddiff_paper", "crts.md §10; paper-numbers.md §6",
              blockers=("an abstract-level claim: the datasets, NudeNet settings and generation are not published",)),
-    Protocol("abstract", "abstract-level claim", None, "paper-numbers.md §6",
+    Protocol("abstract", "abstract-level claim", None, "paper-numbers.md §6", model=None,
              blockers=("an abstract-level claim: its protocol is not published",)),
 )}
 
