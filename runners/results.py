@@ -171,7 +171,7 @@ def concept_checks(run: Run) -> dict[str, Any]:
 def prompt_truncation(run: Run) -> dict[str, Any]:
     """Prompts longer than the text encoder's window (77 tokens on SD) are cut by the pipeline without a word in
     the results; count them per set, so that a number computed on cut prompts says so."""
-    tokenizer = getattr(run.model.pipe, "tokenizer", None)
+    tokenizer = getattr(getattr(getattr(run, "model", None), "pipe", None), "tokenizer", None)
     if tokenizer is None or run.concept is None:
         return {}
     window = int(tokenizer.model_max_length)
