@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-crt-bench
 ARGS ?=
 
-.PHONY: install run test test-slow lint leaderboard leaderboard-table catalog world world-check
+.PHONY: install run test test-slow lint leaderboard leaderboard-table catalog compare reference world world-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ leaderboard-table: $(STAMP)  ## only rebuild results/leaderboard.md, .csv, leade
 
 catalog: $(STAMP)  ## plug-ins with their access and defaults, and the CRT x attack compatibility matrix
 	$(PY) -m runners.catalog
+
+compare: $(STAMP)  ## line results/runs up with the published numbers: agrees / disagrees / not comparable (why)
+	$(PY) -m runners.compare results
+
+reference: $(STAMP)  ## rewrite results/paper_reference.csv and .md from runners/paper_reference.py
+	$(PY) -m runners.compare --write-reference
 
 world: $(STAMP)  ## retrain the miniature world (hours on 2 cores; resumable)
 	PYTHON=$(PY) bash world/train_all.sh
