@@ -55,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ SEGMENT_SEALED_SECONDS = 6 * 3600  # ...so a segment untouched this long never g
 SEGMENT_MAX_BYTES = 64 << 20
 COMPACT_MIN_SEGMENTS = 16  # finished segments that make an open compact them
 MERGE_MAX_RUNS = 4  # compacted files beyond which a compaction merges them all into one
+SEGMENT, SEALED_SEGMENT = ".jsonl", ".done.jsonl"  # a writer renames its segment to the second when it closes
 LEGACY_INDEX = "index.sqlite"
 ENTRY_FILE, SPEC_FILE, VALUES_FILE = "entry.json", "spec.json", "values.jsonl"
 FILE_HASH_KIND = "_file_hash"  # kinds starting with "_" are caches, not products: not in folders, not counted
@@ -187,6 +189,14 @@ def writer_gone(name: str) -> bool | None:
     return False
 
 
+def _seal(index: Path, own: list[str | None], pid: int) -> None:
+    """Rename a writer's segment to its finished name, so that the next open may compact it."""
+    name, own[0] = own[0], None
+    if name is not None and os.getpid() == pid:
+        with contextlib.suppress(OSError):
+            os.rename(index / name, index / (name[:-len(SEGMENT)] + SEALED_SEGMENT))
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where Linux allows (os.umask alone must set it to read it)."""
     with contextlib.suppress(OSError, ValueError, IndexError):
@@ -273,7 +283,10 @@ class Store:
         self._sweep_tmp()
         self._refresh()
         if len(self._sealed_segments()) >= COMPACT_MIN_SEGMENTS:
-            self.compact()
+            try:
+                self.compact()
+            except (OSError, sqlite3.Error) as error:  # upkeep only: the segments still serve as they are
+                log.warning("store: compacting the index of %s failed (%s); going on without", self.root, error)
 
     def _reset_process_state(self) -> None:
         """Handles, memo and segment of this process; a forked child starts its own (SQLite must not cross a fork)."""
@@ -284,7 +297,8 @@ class Store:
         self._runs: dict[str, sqlite3.Connection] = {}
         self._legacy: sqlite3.Connection | None = None
         self._legacy_checked = False
-        self._own: str | None = None  # this writer's current segment
+        self._own: list[str | None] = [None]  # this writer's current segment, shared with its finalizer
+        self._sealer = weakref.finalize(self, _seal, self.index, self._own, self._pid)
         self._own_size = 0
         self._own_last = 0.0
         self._needs_reindex = False
@@ -309,7 +323,11 @@ class Store:
             raise raised from None
 
     def close(self) -> None:
+        """Mark this writer's segment finished (also done when the handle is collected or the process exits)."""
         with self._lock:
+            self._sealer()
+            self._own = [None]
+            self._sealer = weakref.finalize(self, _seal, self.index, self._own, self._pid)
             for connection in self._runs.values():
                 connection.close()
             if self._legacy is not None:
@@ -336,7 +354,7 @@ class Store:
                     if name.endswith(".sqlite") and name not in self._runs:
                         self._runs[name] = _open_run(self.index / name)
                 complete = True
-                for name in sorted(n for n in names if n.endswith(".jsonl")):
+                for name in sorted(n for n in names if n.endswith(SEGMENT)):
                     if not self._read_segment(name):
                         complete = False  # compacted away while listing: its lines are in a file listed next time
                 if complete:
@@ -417,7 +435,11 @@ class Store:
         return found
 
     def _discard_run(self, name: str, error: sqlite3.DatabaseError) -> None:
-        """A compacted file that cannot be read (disk damage, a hand edit): set it aside and rebuild from folders."""
+        """A compacted file that cannot be read: merged into a newer one by another process meanwhile (the next
+        refresh lists that one), or damaged (disk damage, a hand edit): then set aside and rebuilt from folders."""
+        if not (self.index / name).exists():
+            self._runs.pop(name).close()
+            return
         if not _corrupt(error):
             raise error
         log.warning("store: index file %s is unreadable (%s); moved aside, rebuilding the index from the object "
@@ -572,11 +594,13 @@ class Store:
         with self._lock:
             self._check_fork()
             now = time.monotonic()
-            if (self._own is None or now - self._own_last > SEGMENT_ROTATE_SECONDS
+            if (self._own[0] is None or now - self._own_last > SEGMENT_ROTATE_SECONDS
                     or self._own_size > SEGMENT_MAX_BYTES):
-                self._own, self._own_size = f"{writer_id()}~{time.time_ns():x}{secrets.token_hex(3)}.jsonl", 0
-                self._segments[self._own] = _Segment()
-            name = self._own
+                _seal(self.index, self._own, self._pid)
+                self._own[0] = f"{writer_id()}~{time.time_ns():x}{secrets.token_hex(3)}{SEGMENT}"
+                self._own_size = 0
+                self._segments[self._own[0]] = _Segment()
+            name = self._own[0]
             try:
                 fd = os.open(self.index / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
                 try:
@@ -586,7 +610,7 @@ class Store:
                 finally:
                     os.close(fd)
             except BaseException:
-                self._own = None  # a torn line stays last in that segment; the next write starts another
+                _seal(self.index, self._own, self._pid)  # a torn line stays last there; the next write starts anew
                 raise
             offset = self._own_size
             for key, record in items:
@@ -781,9 +805,9 @@ class Store:
                     shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
     def _is_sealed(self, name: str) -> bool:
-        """A segment that will never grow again: its writer has ended, or it has been idle longer than a writer
-        ever waits before starting a new segment."""
-        if writer_gone(name):
+        """A segment that will never grow again: its writer closed it or has ended, or it has been idle longer than
+        a writer ever waits before starting a new segment."""
+        if name.endswith(SEALED_SEGMENT) or writer_gone(name):
             return True
         try:
             return time.time() - (self.index / name).stat().st_mtime > SEGMENT_SEALED_SECONDS
@@ -791,7 +815,7 @@ class Store:
             return False
 
     def _sealed_segments(self) -> list[str]:
-        return [n for n in sorted(os.listdir(self.index)) if n.endswith(".jsonl") and self._is_sealed(n)]
+        return [n for n in sorted(os.listdir(self.index)) if n.endswith(SEGMENT) and self._is_sealed(n)]
 
     def compact(self, merge_runs: bool = False) -> int:
         """Fold finished segments (and, past MERGE_MAX_RUNS, the compacted files) into one new immutable file."""

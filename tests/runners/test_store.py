@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import io
 import multiprocessing
 import os
@@ -256,6 +257,38 @@ def test_leftovers_of_a_killed_writer_are_swept_when_it_is_gone_not_after_a_day(
     assert not store.has(key_of({"killed": True}))
 
 
+def _write_forever(root: str, writer: int) -> None:
+    store = Store(root)
+    for n in range(10**6):
+        store.put_files("blob", {"w": writer, "n": n}, lambda f, n=n: (f / "blob.bin").write_bytes(_blob(n)) and n)
+        store.put_values("score", [({"w": writer, "n": n, "i": i}, n * 10 + i) for i in range(3)])
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.15, 0.3])
+def test_writers_killed_at_any_moment_leave_only_complete_products(tmp_path: Path, delay: float):
+    root = tmp_path / "store"
+    ctx = multiprocessing.get_context("fork")
+    writers = [ctx.Process(target=_write_forever, args=(str(root), w)) for w in range(2)]
+    for w in writers:
+        w.start()
+    time.sleep(delay + 0.4)  # the first writes start after the fork and the store's open
+    for w in writers:
+        os.kill(w.pid, signal.SIGKILL)
+        w.join(10)
+    store = Store(root)  # sweeps the killed writers' staging folders
+    assert not any((root / "tmp").iterdir())
+    blobs, scores = store.keys("blob"), store.keys("score")
+    assert blobs and scores
+    for entry in store.get_many(sorted(blobs)).values():
+        n = entry.spec["n"]
+        assert (entry.path / "blob.bin").read_bytes() == _blob(n) and entry.value == n
+    assert all(e.value == e.spec["n"] * 10 + e.spec["i"] for e in store.get_many(sorted(scores)).values())
+    assert len(store.get_many(sorted(blobs))) == len(blobs) and not store.repaired
+    report = store.reindex()  # the folders hold at least what the index listed (a folder may beat its index line)
+    assert report.damaged == [] and report.files >= len(blobs) and report.values >= len(scores)
+    assert store.keys("blob") >= blobs
+
+
 def test_a_torn_index_line_is_read_only_once_it_is_whole(tmp_path: Path):
     store = Store(tmp_path)
     key = key_of({"k": "torn"})
@@ -285,6 +318,24 @@ def test_finished_segments_are_compacted_into_one_immutable_file(tmp_path: Path,
     store.put_value("score", {"w": "live"}, 1)  # this writer is alive: its segment stays a segment
     assert store.compact() == 0 and len(list((root / "index").glob("*.jsonl"))) == 1
     assert Store(root).get(key_of({"w": "live"})).value == 1
+
+
+def test_a_closed_or_collected_writer_marks_its_segment_done_for_any_host_to_compact(tmp_path: Path):
+    first = Store(tmp_path)
+    first.put_value("score", {"k": 1}, 1)
+    first.close()
+    second = Store(tmp_path)
+    second.put_value("score", {"k": 2}, 2)
+    del second  # a finished job's handle, collected
+    gc.collect()
+    # another node's finished job: its pid cannot be checked from here, its ".done" name says it is finished
+    record = store_module.Record("score", None, canonical_json({"k": 3}), "3")
+    (tmp_path / "index" / "othernode~77.9~1.done.jsonl").write_bytes(record.line(key_of({"k": 3})))
+    done = sorted(p.name for p in (tmp_path / "index").glob("*.done.jsonl"))
+    assert len(done) == 3 and not [p for p in (tmp_path / "index").glob("*.jsonl") if p.name not in done]
+    store = Store(tmp_path)
+    assert store.compact() == 3 and not list((tmp_path / "index").glob("*.jsonl"))
+    assert [store.get(key_of({"k": k})).value for k in (1, 2, 3)] == [1, 2, 3]
 
 
 def test_without_working_flock_products_are_still_made_once_per_process(tmp_path: Path,
@@ -589,3 +640,22 @@ def test_a_full_disk_while_writing_results_is_one_error(tmp_path: Path, monkeypa
     message = _one_line_harness_error(raised)
     assert "no space left" in message and str(target.parent) in message
     assert list(target.parent.iterdir()) == []
+
+
+def test_the_reindex_command_rebuilds_a_lost_index_and_reports_a_bad_root(tmp_path: Path, capsys):
+    import shutil
+
+    store = Store(tmp_path / "store")
+    key = store.put_files("blob", {"k": 1}, lambda f: (f / "a.bin").write_bytes(b"abc") and {"v": 1})
+    value = store.put_value("score", {"k": 2}, 5)
+    store.close()
+    shutil.rmtree(tmp_path / "store" / "index")
+    assert Store(tmp_path / "store").get(key) is None
+    assert store_module.main(["reindex", str(tmp_path / "store")]) == 0
+    assert "indexed 1 file products and 1 values" in capsys.readouterr().out
+    fresh = Store(tmp_path / "store")
+    assert fresh.get(key).value == {"v": 1} and fresh.get(value).value == 5
+    (tmp_path / "a_file").write_text("")
+    assert store_module.main(["verify", str(tmp_path / "a_file" / "store")]) == 2
+    (error,) = capsys.readouterr().err.splitlines()
+    assert error.startswith("error: store.root=") and "not writable" in error
