@@ -1,6 +1,6 @@
 """The attack contract: declared access, a budget with accounting, adversarial prompts as output.
 
-An attack states what it needs (:class:`runners.spec.Access`); the runner refuses a CRT x attack pair whose
+An attack states what it needs (:class:`crt_bench.spec.Access`); the runner refuses a CRT x attack pair whose
 needs the CRT does not expose, before anything runs. Its output is a hard prompt (text) or a soft
 embedding with the cost of finding it, labelled with one of three modes (:data:`MODES`), derived from what it needs:
 
@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 
 from crt.base import DefendedModel
-from runners.spec import Access, ConceptSpec, GenerationSettings, PromptItem
+from crt_bench.spec import Access, ConceptSpec, GenerationSettings, PromptItem
 
 # What no CRT can withhold: the base model's text encoder is public (SD v1.4's is OpenAI's CLIP), a judge is the
 # attacker's own tool (a public classifier such as NudeNet), and a deployed system answers the prompts sent to it.

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, Timer
 from attacks.unlearndiffatk import decoded_x0, encode_embeds, resize_center
 from crt.base import pil_to_pixels
-from runners.spec import Access, PromptItem
+from crt_bench.spec import Access, PromptItem
 
 # Textual inversion's object templates (the diffusers script's imagenet_templates_small), which CCE trains with
 # (learnable_property "object") and Espresso evaluates with.

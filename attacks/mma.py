@@ -41,7 +41,7 @@ from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, s
 from attacks.sneakyprompt import concept_sensitive_words
 from attacks.tokens import tokenize, trim
 from attacks.unlearndiffatk import encode_embeds
-from runners.spec import Access, PromptItem
+from crt_bench.spec import Access, PromptItem
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from attacks.base import AdversarialPrompt, Attack, AttackContext
-from runners.spec import Access, PromptItem
+from crt_bench.spec import Access, PromptItem
 
 
 class NoAttack(Attack):

@@ -68,7 +68,7 @@ from attacks.unlearndiffatk import (
     vocabulary,
 )
 from crt.base import pil_to_pixels
-from runners.spec import Access, PromptItem
+from crt_bench.spec import Access, PromptItem
 
 ROOT = Path(__file__).resolve().parents[1]
 # What every P4D variant's search uses of its AttackContext.

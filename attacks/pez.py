@@ -42,7 +42,7 @@ from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, T
 from attacks.tokens import tokenize, trim
 from attacks.unlearndiffatk import VOCABULARIES, encode_embeds, prefix_text, vocabulary
 from crt.base import pil_to_pixels
-from runners.spec import Access, PromptItem
+from crt_bench.spec import Access, PromptItem
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -30,7 +30,7 @@ import torch
 
 from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, Timer
 from attacks.tokens import tokenize, trim, vocabulary
-from runners.spec import Access, PromptItem
+from crt_bench.spec import Access, PromptItem
 
 
 @dataclass(frozen=True)

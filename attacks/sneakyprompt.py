@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, search_each
-from runners.spec import Access, ConceptSpec, PromptItem
+from crt_bench.spec import Access, ConceptSpec, PromptItem
 
 ROOT = Path(__file__).resolve().parents[1]
 WORD_SPLIT = re.compile(r"([^\w\s])(?=[^\w]|$)")  # punctuation not followed by a word character is its own word

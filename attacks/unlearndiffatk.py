@@ -39,7 +39,7 @@ from attacks.base import (
 from attacks.tokens import tokenize, trim
 from attacks.tokens import vocabulary as special_free_vocabulary
 from crt.base import pil_to_pixels
-from runners.spec import Access, PromptItem
+from crt_bench.spec import Access, PromptItem
 
 
 @dataclass(frozen=True)

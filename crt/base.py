@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from runners.spec import Access, ConceptSpec, Family, GenerationSettings, PromptItem
+from crt_bench.spec import Access, ConceptSpec, Family, GenerationSettings, PromptItem
 
 # What a CRT that edits a public model exposes: its own weights (so gradients) and, because the base it was edited
 # from is public (SD v1.4), the unerased model too; P4D's attacker compares the two.

@@ -35,7 +35,7 @@ from torch import nn
 
 from crt.base import Artifact, FitContext, UNetEdit, pil_to_pixels
 from crt.esd import _autocast, _encode, _eps, _summarise
-from runners.spec import Family, PromptItem
+from crt_bench.spec import Family, PromptItem
 
 PARAMETER_GROUPS = ("cross-attn", "attn", "full-weight")
 LOSS_TYPES = ("model-based", "noise-based")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crt.base import Artifact, FitContext, UNetEdit, replace_module
-from runners.spec import Family
+from crt_bench.spec import Family
 
 FFN_OUT = "ff.net.2"
 
@@ -48,7 +48,7 @@ class ConceptPruneConfig:
     select_ratio: float = 0.0  # pruned iff skilled at > select_ratio * tau calls; 0 = union (official scripts)
     steps: int | None = 50  # sampling steps; None = the generation settings'
     guidance: float | None = 7.5  # CFG scale; None = the generation settings'
-    scheduler: str | None = "pndm"  # sampler (runners.models.SCHEDULERS); None = the generation settings'
+    scheduler: str | None = "pndm"  # sampler (crt_bench.spec.SCHEDULERS); None = the generation settings'
     count_uncond: bool = True  # the unconditional half of the CFG batch counts (official: whole batch hooked)
     normalize_tokens: bool = True  # unit-norm token rows before the column norms (official)
     seed: int = 0  # every prompt starts from the same noise, as the official code (manual_seed before each prompt)
@@ -244,7 +244,7 @@ def sampler_pipe(pipe: Any, scheduler: str) -> Any:
     """A shallow copy of ``pipe`` with a fresh scheduler of the given kind (same noise schedule); modules shared."""
     import diffusers
 
-    from runners.models import SCHEDULERS
+    from crt_bench.spec import SCHEDULERS
 
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}")

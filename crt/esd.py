@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext, edited_copy, replace_module
-from runners.spec import Family
+from crt_bench.spec import Family
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # per official version: the first term of the target, and the eta that version uses with it

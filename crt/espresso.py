@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from crt.base import CRT, Artifact, DefendedModel, FitContext, ImageFilter, pil_to_pixels
-from runners.spec import Access, Family, PromptItem
+from crt_bench.spec import Access, Family, PromptItem
 
 ROOT = Path(__file__).resolve().parents[1]
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from crt.base import CRT, Artifact, DefendedModel, FitContext
-from runners.spec import Access, Family
+from crt_bench.spec import Access, Family
 
 
 class NoCRT(CRT):

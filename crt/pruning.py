@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 from crt.base import Artifact, FitContext, UNetEdit
 from crt.ca import CA, ca_loss
 from crt.esd import ESD, _encode, _summarise, esd_loss, target_formula
-from runners.spec import Family
+from crt_bench.spec import Family
 
 ERASERS = ("esd", "ca")
 

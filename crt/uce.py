@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext, edited_copy, replace_module
-from runners.spec import Family
+from crt_bench.spec import Family
 
 
 @dataclass(frozen=True)

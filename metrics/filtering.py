@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from crt_bench.spec import sha256_file
 from metrics.stats import rate_estimate
-from runners.spec import sha256_file
 
 BLACK = "black"
 BLOCKED_AS_SAFE = "blocked_as_safe"

@@ -167,14 +167,15 @@ def compatibility(crts: dict[str, CRT], attacks: dict[str, Attack]) -> list[Cell
 def _papers_by_handler(configs: dict[str, dict[str, Any]], group: str, conf_dir: Path) -> dict[str, str]:
     found: dict[str, str] = {}
     for name, cfg in configs.items():
-        paper = citation(header_comment(conf_dir / group / f"{name}.yaml"))
+        paper = citation(header_comment(registry.option_file(group, name, conf_dir)))
         if paper:
             found.setdefault(str(cfg.get("handler")), paper)
     return found
 
 
 def _paper(group: str, name: str, cfg: dict[str, Any], by_handler: dict[str, str], conf_dir: Path) -> str:
-    return citation(header_comment(conf_dir / group / f"{name}.yaml")) or by_handler.get(str(cfg.get("handler")), "")
+    comment = header_comment(registry.option_file(group, name, conf_dir))
+    return citation(comment) or by_handler.get(str(cfg.get("handler")), "")
 
 
 def crt_entries(crts: dict[str, tuple[dict[str, Any], CRT]], conf_dir: Path) -> list[Entry]:
@@ -214,7 +215,7 @@ def judge_entries(conf_dir: Path) -> list[Entry]:
     entries = []
     for name in available("judge", conf_dir):
         cfg = compose_option("judge", name, conf_dir)["judge"]
-        comment = header_comment(conf_dir / "judge" / f"{name}.yaml")
+        comment = header_comment(registry.option_file("judge", name, conf_dir))
         settings = {k: v for k, v in cfg.items() if k not in ("from_concept", "handler", "name")}
         if cfg.get("from_concept"):
             entries.append(Entry("judge", name, "the concept's own judge", (), "", settings,
@@ -265,7 +266,7 @@ def model_entries(conf_dir: Path) -> list[Entry]:
                     "steps": gen.get("steps"), "guidance": gen.get("guidance"), "seed": gen.get("seed"),
                     "evaluator": cfg.get("evaluator")}
         entries.append(Entry("model", name, family, (), "", defaults,
-                             notes=first_sentence(header_comment(conf_dir / "model" / f"{name}.yaml"))))
+                             notes=first_sentence(header_comment(registry.option_file("model", name, conf_dir)))))
     return entries
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from crt_bench.spec import SCHEDULERS, HarnessError
 from runners.store import Store
 
 log = logging.getLogger(__name__)
@@ -25,19 +26,6 @@ log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 VARIANT_INFIX = re.compile(r"\.(fp16|fp32|bf16|ema|non_ema)\.")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "ddpm": "DDPMScheduler",
-}
-
-
-class HarnessError(RuntimeError):
-    """An error the user can fix; run.py prints its message as one line, without a traceback."""
 
 
 class ModelUnavailable(HarnessError):

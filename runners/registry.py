@@ -2,24 +2,91 @@
 
 Why: adding a CRT must be a module and a YAML file, nothing else; there is no list of names to keep in sync.
 Judges and evaluators without a ``handler`` go through the metrics package's builders.
+
+Options come from ``conf/`` and from installed packages: a package that names a config package (laid out like
+``conf/``) in the ``crt_bench.conf`` entry-point group has it appended to Hydra's search path, after ``conf/``, by
+:class:`InstalledConfigPackages`, a Hydra ``SearchPathPlugin`` registered when this module is imported (run.py and
+the catalogue import it before Hydra composes). So ``crt=<name>`` selects a third-party CRT exactly as a built-in
+one, and :func:`available` lists it; how a package declares one is in :mod:`crt_bench`'s docstring.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+from importlib import resources
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.core.plugins import Plugins
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+
 from attacks.base import Attack
 from crt.base import CRT
-from runners.models import HarnessError
+from crt_bench import ENTRY_POINT_GROUP
+from crt_bench.spec import HarnessError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+log = logging.getLogger(__name__)
+
+
+def installed_config_packages() -> dict[str, str]:
+    """Entry-point name -> config package, for every installed package that declares one in ``crt_bench.conf``.
+
+    A declared package that cannot be found (uninstalled, misspelt, no ``__init__.py``, which Hydra's ``pkg://``
+    source needs) is left out with a warning, so one broken install does not stop every run."""
+    packages = {}
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            found = (resources.files(point.module) / "__init__.py").is_file()
+        except (ModuleNotFoundError, TypeError, ValueError):
+            found = False
+        if found:
+            packages[point.name] = point.module
+        else:
+            log.warning("entry point %s = %r (group %s) names no importable package with an __init__.py; ignored",
+                        point.name, point.value, ENTRY_POINT_GROUP)
+    return packages
+
+
+class InstalledConfigPackages(SearchPathPlugin):
+    """Appends every installed plug-in config package to Hydra's search path (after ``conf/``: built-ins win)."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        for name, package in installed_config_packages().items():
+            search_path.append(provider=f"{ENTRY_POINT_GROUP}:{name}", path=f"pkg://{package}")
+
+
+Plugins.instance().register(InstalledConfigPackages)
+
+
+def plugin_options(group: str) -> dict[str, str]:
+    """Option name -> the config package that ships it, over the installed plug-in packages (first one wins, as in
+    Hydra's search path)."""
+    options: dict[str, str] = {}
+    for package in installed_config_packages().values():
+        folder = resources.files(package) / group
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if entry.name.endswith(".yaml"):
+                    options.setdefault(entry.name.removesuffix(".yaml"), package)
+    return options
+
+
+def option_file(group: str, name: str, conf_dir: Path = CONF_DIR) -> Path | resources.abc.Traversable:
+    """The YAML file Hydra reads for ``group=name``: ``conf_dir``'s, else the installed plug-in package's (what
+    the catalogue reads comments from)."""
+    local = conf_dir / group / f"{name}.yaml"
+    package = None if local.is_file() else plugin_options(group).get(name)
+    return resources.files(package) / group / f"{name}.yaml" if package else local
 
 
 def available(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
-    """The options of a config group, as Hydra sees them (file names without .yaml)."""
-    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+    """The options of a config group, as Hydra sees them (file names without .yaml): ``conf_dir``'s and those of
+    the installed plug-in packages."""
+    return sorted({p.stem for p in (conf_dir / group).glob("*.yaml")} | set(plugin_options(group)))
 
 
 def import_handler(path: str, what: str) -> Any:
@@ -51,14 +118,14 @@ def _params(cfg: dict[str, Any], model: str | None = None, concept: dict[str, An
 def build_crt(cfg: dict[str, Any], model: str | None = None, concept: dict[str, Any] | None = None) -> CRT:
     cls = import_handler(cfg["handler"], f"crt {cfg.get('name')!r}")
     if not (isinstance(cls, type) and issubclass(cls, CRT)):
-        raise HarnessError(f"crt handler {cfg['handler']!r} is not a crt.base.CRT subclass")
+        raise HarnessError(f"crt handler {cfg['handler']!r} is not a subclass of crt_bench.CRT")
     return cls(**_params(cfg, model, concept))
 
 
 def build_attack(cfg: dict[str, Any], model: str | None = None, concept: dict[str, Any] | None = None) -> Attack:
     cls = import_handler(cfg["handler"], f"attack {cfg.get('name')!r}")
     if not (isinstance(cls, type) and issubclass(cls, Attack)):
-        raise HarnessError(f"attack handler {cfg['handler']!r} is not an attacks.base.Attack subclass")
+        raise HarnessError(f"attack handler {cfg['handler']!r} is not a subclass of crt_bench.Attack")
     return cls(adaptive=bool(cfg.get("adaptive", False)), **_params(cfg, model, concept))
 
 

@@ -1,104 +1,24 @@
-"""Plain data shared by every stage: prompts, generation settings, concepts, access rights.
+"""Where the shared vocabulary used to live; kept so that existing imports go on working.
 
-Kept free of heavy imports so that CRTs, attacks, metrics and runners can all depend on it.
+The definitions moved to :mod:`crt_bench.spec`, a module outside the orchestration layer, because plug-ins
+(``crt/``, ``attacks/``, ``metrics/``, third-party packages) must not import ``runners``. New code imports
+:mod:`crt_bench` (the whole contract) or :mod:`crt_bench.spec` (the plain data only).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field
-from enum import Enum
-from pathlib import Path
-from typing import Any
+from crt_bench.spec import (
+    SCHEDULERS,
+    Access,
+    ConceptSpec,
+    Family,
+    GenerationSettings,
+    HarnessError,
+    PromptItem,
+    canonical_json,
+    content_hash,
+    sha256_file,
+)
 
-
-class Access(str, Enum):
-    """What an attacker may touch; CRTs declare what they expose, attacks what they require."""
-
-    TEXT_ENCODER = "text_encoder"  # the public text encoder of the base model (always available)
-    UNET_GRADIENTS = "unet_gradients"  # white-box gradients through the deployed generator
-    UNERASED_MODEL = "unerased_model"  # the original, undefended pipeline
-    JUDGE_ORACLE = "judge_oracle"  # the judge queried during the search
-    SYSTEM_QUERIES = "system_queries"  # prompts sent to the deployed system, its delivered images seen (black-box)
-    FILTER_SCORE = "filter_score"  # the post-hoc filter's score (black-box)
-    FILTER_GRADIENTS = "filter_gradients"  # gradients of the post-hoc filter's score
-
-
-class Family(str, Enum):
-    """How a CRT changes the system; decides what it exposes and how it is scored."""
-
-    NONE = "none"
-    WEIGHT_EDIT = "weight_edit"
-    CLOSED_FORM_EDIT = "closed_form_edit"
-    TEXT_ENCODER_SWAP = "text_encoder_swap"
-    GUIDANCE = "guidance"
-    FILTER = "filter"
-
-
-def canonical_json(obj: Any) -> str:
-    """The one serialisation every content hash is taken over (sorted keys, no whitespace)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_jsonable)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Enum):
-        return obj.value
-    if hasattr(obj, "__dataclass_fields__"):
-        return asdict(obj)
-    if isinstance(obj, (set, frozenset, tuple)):
-        return sorted(obj) if isinstance(obj, (set, frozenset)) else list(obj)
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes, streamed so multi-gigabyte checkpoints need not fit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def content_hash(obj: Any, length: int = 16) -> str:
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
-
-
-@dataclass(frozen=True)
-class PromptItem:
-    """One prompt to generate from: its text, seed and (optionally) its own guidance scale, as I2P rows carry."""
-
-    text: str
-    seed: int = 0
-    guidance: float | None = None
-    case: str = ""  # stable id inside its prompt set (row number, case_number)
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Everything about sampling that changes the pixels."""
-
-    steps: int = 25
-    guidance: float = 7.5
-    height: int = 512
-    width: int = 512
-    scheduler: str = "ddim"
-    negative_prompt: str = ""
-    images_per_prompt: int = 1
-    batch_size: int = 8
-
-
-@dataclass(frozen=True)
-class ConceptSpec:
-    """A concept to remove: the Espresso pair (c_u, c_a), its prompt sets and the judge that decides presence."""
-
-    key: str
-    c_u: str
-    c_a: str
-    prompts: dict[str, tuple[PromptItem, ...]] = field(default_factory=dict)
-    judge: dict[str, Any] = field(default_factory=dict)
-
-    def prompt_set(self, name: str) -> tuple[PromptItem, ...]:
-        if name not in self.prompts:
-            raise KeyError(f"concept {self.key!r} has no prompt set {name!r}; it has {sorted(self.prompts)}")
-        return self.prompts[name]
+__all__ = ["SCHEDULERS", "Access", "ConceptSpec", "Family", "GenerationSettings", "HarnessError", "PromptItem",
+           "canonical_json", "content_hash", "sha256_file"]

@@ -32,7 +32,7 @@ from crt.shielddiff.ddpo import (
 )
 from crt.shielddiff.lora import DEFAULT_TARGETS, inject_lora, lora_parameters, merged_state, target_names
 from crt.shielddiff.reward import ClipAlignment, build_scorer, clip_identity, combine, scorer_identity
-from runners.spec import Family
+from crt_bench.spec import Family
 
 __all__ = ["ShieldDiff", "ShieldDiffConfig"]
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from crt.base import pil_to_pixels
-from runners.models import HarnessError
-from runners.spec import ConceptSpec, sha256_file
+from crt_bench.spec import ConceptSpec, HarnessError, sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -32,7 +32,7 @@ from crt.trce.stage2 import (
     trainable_copy,
 )
 from crt.uce import token_states
-from runners.spec import Family
+from crt_bench.spec import Family
 
 STAGE1_FIELDS = {f.name for f in fields(Stage1Config)}
 STAGE2_FIELDS = {f.name for f in fields(Stage2Config)}

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from crt.uce import kv_projections, token_states
-from runners.spec import ConceptSpec
+from crt_bench.spec import ConceptSpec
 
 # The first 15 of the official 'object' augmentation templates (augment_num 15 in stage1_sexual_default.yaml).
 OFFICIAL_TEMPLATES: tuple[str, ...] = (

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from crt_bench.spec import sha256_file
 from metrics.judges.base import Judge, JudgeUnavailable, JudgeVerdict
-from runners.spec import sha256_file
 
 EXPOSED9: tuple[str, ...] = (
     "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED", "MALE_GENITALIA_EXPOSED",

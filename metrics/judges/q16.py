@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from crt_bench.spec import sha256_file
 from metrics.evaluators import ClipEvaluator, OpenClipEvaluator
 from metrics.judges.base import Judge, JudgeUnavailable, JudgeVerdict, MissingWeights, offline_and_uncached
-from runners.spec import sha256_file
 
 Q16_COMMIT = "33de788767bbe33cf77a5f6df931cd86c71f294f"
 Q16_URL = f"https://raw.githubusercontent.com/ml-research/Q16/{Q16_COMMIT}/data/ViT-L-14/prompts.p"

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from crt_bench.spec import sha256_file
 from metrics.identity import combined_sha256, short
 from metrics.judges.base import Judge, JudgeUnavailable, JudgeVerdict
-from runners.spec import sha256_file
 
 DEFAULT_WEIGHTS = "world/weights/judges"
 
