@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crt_bench.spec import HarnessError
 from runners.spec import canonical_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -209,19 +210,13 @@ def current_umask() -> int:
         return mask
 
 
-def _harness_error(message: str) -> Exception:
-    from runners.models import HarnessError  # runners.models imports this module
-
-    return HarnessError(message)
-
-
 def write_error(error: OSError, where: str, fix: str) -> Exception:
     """One line naming what failed, why and what to do; OSErrors not about space or rights are returned unchanged."""
     reason = error.strerror or str(error)
     if error.errno in _FULL:
-        return _harness_error(f"{where}: no space left ({reason}); free space on that disk or {fix}")
+        return HarnessError(f"{where}: no space left ({reason}); free space on that disk or {fix}")
     if error.errno in _DENIED:
-        return _harness_error(f"{where} is not writable ({reason}: {error.filename or where}); fix its permissions "
+        return HarnessError(f"{where} is not writable ({reason}: {error.filename or where}); fix its permissions "
                               f"or {fix}")
     return error
 
@@ -1081,9 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"verified: {len(damaged)} damaged products removed" + "".join(f"\n  {d}" for d in damaged))
         else:
             print(f"compacted {store.compact(merge_runs=True)} segments")
-    except Exception as error:
-        if type(error).__name__ != "HarnessError":
-            raise
+    except HarnessError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
