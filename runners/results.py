@@ -168,10 +168,24 @@ def concept_checks(run: Run) -> dict[str, Any]:
             "definition": "evaluator CLIP zero-shot accuracy, c_u vs c_a, on rendered ground-truth scenes"}
 
 
+def _tokenizer(model: Any) -> Any:
+    """The model's tokenizer, without loading the pipeline when it is not loaded (a rerun from the store loads none)."""
+    if model is None:
+        return None
+    if model.loaded:
+        return getattr(model.pipe, "tokenizer", None)
+    folder = Path(model.location.folder) / "tokenizer"
+    if not folder.is_dir():
+        return None
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(folder)
+
+
 def prompt_truncation(run: Run) -> dict[str, Any]:
     """Prompts longer than the text encoder's window (77 tokens on SD) are cut by the pipeline without a word in
     the results; count them per set, so that a number computed on cut prompts says so."""
-    tokenizer = getattr(getattr(getattr(run, "model", None), "pipe", None), "tokenizer", None)
+    tokenizer = _tokenizer(getattr(run, "model", None))
     if tokenizer is None or run.concept is None:
         return {}
     window = int(tokenizer.model_max_length)
