@@ -20,8 +20,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from attacks.base import IncompatibleAttack
-from runners.leaderboard import row_for
 from runners.models import HarnessError, PipelineCache
+from runners.report import summarize_results
 from runners.results import committed_result
 from runners.stages import prepare, run_stages, torch_threads
 from runners.validate import validate_config
@@ -42,25 +42,22 @@ def execute(cfg: DictConfig | dict, root: Path = ROOT, pipelines: PipelineCache 
     stop_after = plain.get("stop_after", "report")
     if plain.get("skip_committed", True) and stop_after == "report" and (done := committed_result(run)):
         log.info("skipped: this run's result is already committed (%s); skip_committed=false runs it again", done)
-        board = done.parent.parent / "leaderboard.md"
-        _print_row(board if board.is_file() else None, plain, run)
         log.info(run.counters.line())
+        _print_summary(done, run, done.parent.parent / "leaderboard.md")
         return {"counters": run.counters, "outputs": {"results": str(done)}, "metrics": {}, "timings": {},
                 "skipped": True}
     run_stages(run, stop_after)
     summary = {"counters": run.counters, "outputs": run.outputs, "metrics": run.metrics, "timings": run.timings}
-    board = run.outputs.get("leaderboard_md")
-    _print_row(Path(board) if board else None, plain, run)
+    if run.outputs.get("results"):
+        board = run.outputs.get("leaderboard_md")
+        _print_summary(Path(run.outputs["results"]), run, Path(board) if board else None)
     return summary
 
 
-def _print_row(leaderboard: Path | None, cfg: dict, run) -> None:
-    """The leaderboard row of this run's CRT on its concept: what a user looks at first."""
-    if leaderboard is None:
-        return
-    row = row_for(leaderboard.read_text(), cfg["model"]["name"], run.crt.name, run.concept.key)
-    if row:
-        print(row, flush=True)
+def _print_summary(results: Path, run, leaderboard: Path | None) -> None:
+    """This run's effectiveness, utility and robustness with intervals, then where the results went: what a user
+    looks at first (the full table is in the leaderboard)."""
+    print(summarize_results(results, run.store.root, leaderboard, run.counters.line()), flush=True)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -60,7 +60,7 @@ def test_cli_run_on_a_local_folder_then_a_rerun_recomputes_nothing(sd14_shaped_f
             f"hydra.run.dir={tmp_path / 'outputs'}"]
     first = _run(*args, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "| none |" in first.stdout
+    assert "world_nudity · none · none (transfer)" in first.stdout and "results:" in first.stdout  # the summary
     assert (tmp_path / "results" / "leaderboard.md").is_file()
     second = _run(*args, "skip_committed=false", timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
@@ -72,7 +72,7 @@ def test_cli_run_on_a_local_folder_then_a_rerun_recomputes_nothing(sd14_shaped_f
     assert third.returncode == 0, third.stderr[-2000:]
     log = (tmp_path / "outputs" / "run.log").read_text()
     assert "skipped: this run's result is already committed" in log
-    assert "| none |" in third.stdout  # its row is still shown
+    assert "world_nudity · none · none (transfer)" in third.stdout  # its summary is still shown
     assert not list((tmp_path / "new_store").rglob("image.png"))
     # a different run (another seed) is not mistaken for it
     other = _run(*moved, "seed=1", f"hydra.run.dir={tmp_path / 'other'}", timeout=300)
@@ -90,4 +90,4 @@ def test_default_command_runs_the_miniature_world(tmp_path: Path):
             "progress=false", f"hydra.run.dir={tmp_path / 'outputs'}"]
     result = _run(*args, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| espresso |" in result.stdout
+    assert "world_nudity · espresso · ringabell (transfer)" in result.stdout

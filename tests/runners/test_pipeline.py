@@ -53,7 +53,8 @@ def test_full_run_writes_results_rows_and_leaderboard_then_reruns_from_the_store
 
     leaderboard = Path(first["outputs"]["leaderboard_md"]).read_text()
     assert "| none |" in leaderboard and "↓" in leaderboard and "↑" in leaderboard
-    assert "| none |" in capsys.readouterr().out  # the row is printed
+    printed = capsys.readouterr().out  # the run's summary: its numbers, then where its results went
+    assert "world_nudity · none · none (transfer)" in printed and Path(first["outputs"]["results"]).name in printed
     counters = first["counters"]
     assert counters.images_generated == 9 and counters.images_reused == 3  # base acceptable = defended acceptable
 
