@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 
 from crt.base import DefendedModel
+from crt_bench import progress
 from crt_bench.spec import Access, ConceptSpec, GenerationSettings, PromptItem
 
 # What no CRT can withhold: the base model's text encoder is public (SD v1.4's is OpenAI's CLIP), a judge is the
@@ -146,6 +147,7 @@ def search_each(targets: Sequence[Target], search: Callable[[Target, AttackCost]
         cost = AttackCost()
         with Timer(cost):
             results.append(search(target, cost))
+        progress.step()
     return results
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, Timer
 from attacks.unlearndiffatk import decoded_x0, encode_embeds, resize_center
 from crt.base import pil_to_pixels
+from crt_bench import progress
 from crt_bench.spec import Access, PromptItem
 
 # Textual inversion's object templates (the diffusers script's imagenet_templates_small), which CCE trains with
@@ -298,6 +299,7 @@ class CCE(Attack):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(step_loss)
+                progress.show(loss=step_loss)
         learned = row.detach().clone()
         log = {"steps": cfg.steps, "train_images": len(images), "train_set": cfg.train_set or self.target_set,
                "initializer": word, "initializer_ids": init_ids, "new_token_id": new_id,

@@ -41,6 +41,7 @@ from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, s
 from attacks.sneakyprompt import concept_sensitive_words
 from attacks.tokens import tokenize, trim
 from attacks.unlearndiffatk import encode_embeds
+from crt_bench import progress
 from crt_bench.spec import Access, PromptItem
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -253,6 +254,7 @@ class MMADiffusion(Attack):
             if loss is not None and loss < best_loss:
                 best_ids, best_text, best_loss, best_step = control.clone(), text, loss, step
             history.append(best_loss if best_step else start_loss)
+            progress.show(loss=history[-1])
         if best_step == 0:
             best_loss = start_loss
         scored = [tok.bos_token_id, *best_ids.tolist(), eot]

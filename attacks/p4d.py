@@ -68,6 +68,7 @@ from attacks.unlearndiffatk import (
     vocabulary,
 )
 from crt.base import pil_to_pixels
+from crt_bench import progress
 from crt_bench.spec import Access, PromptItem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -443,6 +444,7 @@ class _P4D(Attack):
             loss, _, _ = pez_update(embeds, problem.table, lambda x, t=t, eps=eps: matcher.loss(x, t, eps), optimizer,
                                     mask, fixed)
             losses.append(float(loss))
+            progress.show(loss=losses[-1])
             if step % cfg.eval_every == 0 or step == cfg.iterations:
                 checkpoints.append(self._checkpoint(ctx, problem, embeds, step, losses, memo, encoder, cost))
         best, sims = select_checkpoint(target_feature, [memo[c["text"]][0] for c in checkpoints])
@@ -570,6 +572,7 @@ class P4DUnlearnDiffAtk(Attack):
                 loss, _, _ = pez_update(prefix, problem.table,
                                         lambda x, t=t, eps=eps: matcher.loss(torch.cat([x, fixed]), t, eps), optimizer)
                 losses.append(float(loss))
+                progress.show(loss=losses[-1])
             tokens = problem.vocab[nearest_tokens(prefix.detach(), problem.table).cpu()].tolist()
             words = prefix_text(tok, tokens, cfg.vocabulary)
             text = f"{words} {target.text}".strip()

@@ -42,6 +42,7 @@ from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, T
 from attacks.tokens import tokenize, trim
 from attacks.unlearndiffatk import VOCABULARIES, encode_embeds, prefix_text, vocabulary
 from crt.base import pil_to_pixels
+from crt_bench import progress
 from crt_bench.spec import Access, PromptItem
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -202,6 +203,7 @@ class PEZ(Attack):
             cost = AttackCost()
             with Timer(cost):
                 results.append(self._attack(ctx, surrogate, target, images[i * per:(i + 1) * per], cost))
+            progress.step()
         return results
 
     def _load(self, ctx: AttackContext) -> _Surrogate:
@@ -255,6 +257,7 @@ class PEZ(Attack):
             cost.forward += 1
             cost.backward += 1
             losses.append(loss)
+            progress.show(loss=loss)
             if score > best[0]:
                 best = (score, rows.cpu())
             if score > window[0]:

@@ -30,6 +30,7 @@ import torch
 
 from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, Timer
 from attacks.tokens import tokenize, trim, vocabulary
+from crt_bench import progress
 from crt_bench.spec import Access, PromptItem
 
 
@@ -160,6 +161,7 @@ class RingABell(Attack):
                 result = self._search(ctx, pipe, target, c, cost)
             result.log.update(encoder=source, concept_pairs=len(concept), concept_vector_forward=2 * len(concept))
             results.append(result)
+            progress.step()
         return results
 
     def _pairs(self, ctx: AttackContext) -> tuple[list[str], list[str]]:
@@ -191,6 +193,7 @@ class RingABell(Attack):
             if float(fit[order[0]]) < best_fit:
                 best_ids, best_fit = pop[order[0]].clone(), float(fit[order[0]])
             history.append(best_fit)
+            progress.show(fitness=best_fit)
             parents = pop[order[:cfg.population // 2]]
             children = crossover(parents, cfg.crossover_rate, length, gen) if g < cfg.generations - 1 else parents
             pop = mutate(children, cfg.mutation_rate, length, vocab, gen)

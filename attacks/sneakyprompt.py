@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, search_each
+from crt_bench import progress
 from crt_bench.spec import Access, ConceptSpec, PromptItem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,6 +225,7 @@ def rl_search(words: list[str], replace: list[int], ranking: Callable[[], list[i
             actor_critic_loss(log_probs, values, reward).backward()
             optimizer.step()
             rewards.append(reward)
+            progress.show(reward=reward)
             if not blocked and reward >= cfg.threshold:
                 return SearchResult(text, "success", records, expansions, "threshold")
             if len(rewards) >= cfg.expand_after and all(r < 0 for r in rewards[-cfg.expand_after:]):

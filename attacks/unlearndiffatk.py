@@ -39,6 +39,7 @@ from attacks.base import (
 from attacks.tokens import tokenize, trim
 from attacks.tokens import vocabulary as special_free_vocabulary
 from crt.base import pil_to_pixels
+from crt_bench import progress
 from crt_bench.spec import Access, PromptItem
 
 
@@ -233,6 +234,7 @@ class UnlearnDiffAtk(Attack):
         for t in cfg.schedule():
             losses = [self._step(ctx, problem, u, optimizer, noise_schedule, t, gen, cost)
                       for _ in range(cfg.iterations)]
+            progress.show(loss=sum(losses) / max(len(losses), 1))
             tokens = problem.vocab[u.detach().argmax(-1).cpu()].tolist()
             prefix = prefix_text(tok, tokens, cfg.vocabulary)
             text = f"{prefix} {target.text}".strip()

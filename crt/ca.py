@@ -35,6 +35,7 @@ from torch import nn
 
 from crt.base import Artifact, FitContext, UNetEdit, pil_to_pixels
 from crt.esd import _autocast, _encode, _eps, _summarise
+from crt_bench import progress
 from crt_bench.spec import Family, PromptItem
 
 PARAMETER_GROUPS = ("cross-attn", "attn", "full-weight")
@@ -236,6 +237,7 @@ class CA(UNetEdit):
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"CA loss is {loss.item()} at step {step}")
             history.append(loss.item())
+            progress.step(total=cfg.max_train_steps, loss=history[-1])
         tensors = {n: p.detach().float().cpu().clone() for n, p in unet.named_parameters() if n in names}
         return Artifact(tensors=tensors, meta={**self.describe(data, lr), "trained_parameters": len(tensors),
                                                "trained_numel": sum(t.numel() for t in tensors.values()),

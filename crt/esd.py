@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext, edited_copy, replace_module
+from crt_bench import progress
 from crt_bench.spec import Family
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -183,6 +184,7 @@ class ESD(CRT):
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"ESD loss is {loss.item()} at step {step}")
             history.append(loss.item())
+            progress.step(total=cfg.iterations, loss=history[-1])
         tensors = {n: p.detach().float().cpu().clone() for n, p in unet.named_parameters() if n in names}
         meta = {"config": asdict(cfg), "concept_text": text, "trained_parameters": len(tensors),
                 "trained_numel": sum(t.numel() for t in tensors.values()), "loss": _summarise(history, cfg.log_every),

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from crt.base import CRT, Artifact, DefendedModel, FitContext, ImageFilter, pil_to_pixels
+from crt_bench import progress
 from crt_bench.spec import Access, Family, PromptItem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,6 +249,7 @@ class Espresso(CRT):
             losses = self._epoch(clip, tokenizer, optimizer, pairs, gen)
             record = {"epoch": epoch, **losses, **self._evaluate(clip, tokenizer, pairs, positives, negatives)}
             history.append(record)
+            progress.step(total=cfg.epochs, loss=losses["loss"])
             key = (record.get("val_balanced_accuracy", 0.0), record.get("val_margin", 0.0))
             if best is None or positives is None or key > best[0]:
                 best = (key, epoch, _snapshot(text_model))

@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 from crt.base import Artifact, FitContext, UNetEdit
 from crt.ca import CA, ca_loss
 from crt.esd import ESD, _encode, _summarise, esd_loss, target_formula
+from crt_bench import progress
 from crt_bench.spec import Family
 
 ERASERS = ("esd", "ca")
@@ -191,6 +192,7 @@ class MaskedEraser(UNetEdit):
                 raise FloatingPointError(f"{self.name} eraser loss is {erase.item()} at step {step}")
             history["eraser"].append(erase.item())
             history["sparsity"].append(sparse.item())
+            progress.step(total=steps, loss=history["eraser"][-1], sparsity=history["sparsity"][-1])
         tensors = {name: m.kept().cpu() for name, m in masks.items()}
         return Artifact(tensors=tensors, meta={**eraser.meta, "config": asdict(cfg), **pruning_stats(tensors),
                                                "loss": {k: _summarise(v, cfg.log_every) for k, v in history.items()}})

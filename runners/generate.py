@@ -227,12 +227,15 @@ class ImageMaker:
         self.counters.scores_reused += len(verdicts)
         if todo:
             flt = system.defended.filter
-            for start in tqdm(range(0, len(todo), 64), desc=f"filter {desc}", disable=not self.progress):
+            bar = tqdm(total=len(todo), desc=f"filter {desc}", unit="img", disable=not self.progress)
+            for start in range(0, len(todo), 64):
                 chunk = todo[start:start + 64]
                 scores = flt.scores([self.load(k) for k in chunk])
                 new = {k: {"flagged": bool(float(s) > 0), "score": float(s)} for k, s in zip(chunk, scores)}
                 self.store.put_values("filter_verdict", [(specs[k], v) for k, v in new.items()])
                 verdicts.update(new)
+                bar.update(len(chunk))
+            bar.close()
             self.counters.scores_computed += len(todo)
         for record in records:
             verdict = verdicts[record.key]

@@ -54,12 +54,15 @@ class Scorer:
         values = {k: found[key_of(s)].value for k, s in specs.items() if key_of(s) in found}
         todo = [k for k in unique if k not in values]
         self.counters.scores_reused += len(values)
-        for start in tqdm(range(0, len(todo), CHUNK), desc=desc, unit="chunk", disable=not self.progress or not todo):
+        bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not self.progress or not todo)
+        for start in range(0, len(todo), CHUNK):
             chunk = todo[start:start + CHUNK]
             new = dict(zip(chunk, compute([self.load_image(k) for k in chunk])))
             self.store.put_values(product, [(specs[k], v) for k, v in new.items()])
             values.update(new)
             self.counters.scores_computed += len(chunk)
+            bar.update(len(chunk))
+        bar.close()
         return values
 
     def verdicts(self, judge: Any, keys: list[str | None], desc: str = "judge") -> dict[str, Verdict]:

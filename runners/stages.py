@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from attacks.base import DEFAULT_TARGET_SET, AdversarialPrompt, Attack, AttackContext, AttackCost, check_compatible
 from crt.base import CRT, Artifact, DefendedModel, FitContext
+from crt_bench import progress
 from runners import concepts, registry
 from runners.concepts import SourceFetcher, concept_spec, items_from_json, items_to_json, prompt_sets
 from runners.generate import Counters, ImageMaker, ImageRecord, ImageRequest, System, base_system
@@ -157,7 +157,8 @@ def stage_fit(run: Run) -> None:
                          generate=lambda items: run.maker.delivered_images(run.base, list(items), "fit"),
                          device=run.model.device, seed=run.seed)
         try:
-            artifact = run.crt.fit(ctx)
+            with progress.bar(f"fit {run.crt.name}", unit="step", enabled=run.maker.progress):
+                artifact = run.crt.fit(ctx)
         except FloatingPointError as error:
             raise HarnessError(f"the fit of {run.crt.name} on {run.concept.key} stopped: {error}; nothing was "
                                f"stored (try a lower crt.params.lr, or crt.mini.lr on the world)") from None
@@ -270,12 +271,14 @@ def stage_attack(run: Run) -> None:
     if todo:
         ctx = attack_context(run)
         chunk = max(1, int(run.cfg.get("attack_chunk", 8)))
-        for start in tqdm(range(0, len(todo), chunk), desc=f"attack {run.attack.name}", unit="chunk",
-                          disable=not run.maker.progress):
-            batch = todo[start:start + chunk]
-            results = {_target_id(a.target): a for a in run.attack.run(ctx, batch)}
-            for target in batch:
-                store_adversarial(run, target, results.get(_target_id(target)))
+        with progress.bar(f"attack {run.attack.name}", total=len(todo), unit="target",
+                          enabled=run.maker.progress) as counted:
+            for start in range(0, len(todo), chunk):
+                batch = todo[start:start + chunk]
+                results = {_target_id(a.target): a for a in run.attack.run(ctx, batch)}
+                for target in batch:
+                    store_adversarial(run, target, results.get(_target_id(target)))
+                counted.reach(start + len(batch))  # an attack that counts its own targets is there already
     run.adversarial = {_target_id(t): load_adversarial(run, t) for t in targets}
     n = sum(a is not None for a in run.adversarial.values())
     log.info("attack %s (%s): %d adversarial prompts for %d targets of set %r", run.attack.name, run.attack.mode, n,

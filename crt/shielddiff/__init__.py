@@ -32,6 +32,7 @@ from crt.shielddiff.ddpo import (
 )
 from crt.shielddiff.lora import DEFAULT_TARGETS, inject_lora, lora_parameters, merged_state, target_names
 from crt.shielddiff.reward import ClipAlignment, build_scorer, clip_identity, combine, scorer_identity
+from crt_bench import progress
 from crt_bench.spec import Family
 
 __all__ = ["ShieldDiff", "ShieldDiffConfig"]
@@ -168,6 +169,7 @@ class ShieldDiff(UNetEdit):
                             "per_prompt_normalised": float(per_prompt.float().mean()), **stats})
             if not math.isfinite(stats["loss"]):
                 raise FloatingPointError(f"ShieldDiff loss is {stats['loss']} at epoch {epoch + 1}")
+            progress.step(total=cfg.epochs, loss=stats["loss"], reward=history[-1]["reward"])
         tensors = merged_state(adapters)
         meta = {"config": asdict(cfg), "reward": {"concept": scorer.identity, "clip": clip.identity,
                                                   "formula": f"-{cfg.w_concept:g} * concept + {cfg.w_clip:g} * clip"},

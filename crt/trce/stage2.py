@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from crt_bench import progress
+
 
 @dataclass(frozen=True)
 class Stage2Config:
@@ -173,6 +175,7 @@ def steer(ft: nn.Module, ref: nn.Module, reg: nn.Module, optimizer: torch.optim.
         history["target"].append(target.item())
         history["reg"].append(reg_loss.item())
         history["loss"].append(loss.item())
+        progress.step(total=len(targets), loss=history["loss"][-1])
     return history
 
 
