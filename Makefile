@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-crt-bench
 ARGS ?=
 
-.PHONY: install run test test-slow lint leaderboard leaderboard-table catalog compare reference world world-check
+.PHONY: install run test test-slow lint leaderboard leaderboard-table catalog compare reference report world world-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ leaderboard-table: $(STAMP)  ## only rebuild results/leaderboard.md, .csv, leade
 
 catalog: $(STAMP)  ## plug-ins with their access and defaults, and the CRT x attack compatibility matrix
 	$(PY) -m runners.catalog
+
+report: $(STAMP)  ## results/report/: one HTML page per concept (tables, plots, image grids); ARGS="report.unsafe_images=hide"
+	$(PY) -m runners.report results $(ARGS)
 
 compare: $(STAMP)  ## line results/runs up with the published numbers: agrees / disagrees / not comparable (why)
 	$(PY) -m runners.compare results
