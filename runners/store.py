@@ -374,7 +374,10 @@ class Store:
             return False
         sealed = None
         offset = state.offset
-        for raw in data.split(b"\n")[:-1]:  # the last piece has no newline yet: a line still being written
+        pieces = data.split(b"\n")
+        if pieces[-1] and self._is_sealed(name):  # a closed segment has no line still being written
+            pieces.append(b"")
+        for raw in pieces[:-1]:  # the last piece has no newline yet: a line still being written
             line = raw + b"\n"
             if _LINE.fullmatch(raw):
                 self._memo[raw[:KEY_LENGTH].decode()] = (name, offset, len(line))
@@ -386,9 +389,9 @@ class Store:
                     break  # NFS can show a range of zeros until another client's write arrives: read it later
             if not state.warned:
                 state.warned = True
-                log.warning("store: index segment %s has an unreadable line at byte %d; skipped (`python -m "
-                            "runners.store reindex %s` rebuilds the index from the object folders)", name, offset,
-                            self.root)
+                self._needs_reindex = True  # its entries would look missing and be computed again
+                log.warning("store: index segment %s has an unreadable line at byte %d; rebuilding the index from "
+                            "the object folders", name, offset)
             offset += len(line)
         state.offset = offset
         return True

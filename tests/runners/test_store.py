@@ -659,3 +659,13 @@ def test_the_reindex_command_rebuilds_a_lost_index_and_reports_a_bad_root(tmp_pa
     assert store_module.main(["verify", str(tmp_path / "a_file" / "store")]) == 2
     (error,) = capsys.readouterr().err.splitlines()
     assert error.startswith("error: store.root=") and "not writable" in error
+
+
+def test_a_closed_segment_garbled_without_line_breaks_triggers_a_rebuild(tmp_path: Path, caplog):
+    store = Store(tmp_path)
+    key = store.put_files("blob", {"k": 1}, lambda f: (f / "a.bin").write_bytes(b"abc") and {"v": 1})
+    store.close()
+    (segment,) = (tmp_path / "index").glob("*.done.jsonl")
+    segment.write_bytes(b"garbage without a line break" * 8)  # closed: no line can still be on its way
+    assert Store(tmp_path).get(key).value == {"v": 1}
+    assert "rebuilding the index from the object folders" in caplog.text
