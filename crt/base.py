@@ -9,18 +9,25 @@ artifact turns a base pipeline into the defended one in seconds.
 from __future__ import annotations
 
 import copy
+import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
+from crt_bench import progress
 from crt_bench.spec import Access, ConceptSpec, Family, GenerationSettings, PromptItem
 
 # What a CRT that edits a public model exposes: its own weights (so gradients) and, because the base it was edited
 # from is public (SD v1.4), the unerased model too; P4D's attacker compares the two.
 OPEN_WEIGHTS: frozenset[Access] = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.UNERASED_MODEL})
+CHECKPOINT_FILE = "checkpoint.pt"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,8 +39,53 @@ class Artifact:
 
 
 @dataclass
+class FitCheckpoints:
+    """Where a fit keeps its last saved state, and after how many steps it saves it (0: never).
+
+    Why: an hour of ESD killed by a Slurm preemption should cost minutes, not the hour. The runner points ``folder``
+    at a place named by the artifact's key, so only the very same fit resumes from it, and deletes it once the
+    artifact is stored. ``every`` is not part of the CRT identity: where a fit saves never changes what it computes.
+    """
+
+    folder: Path | None = None
+    every: int = 0
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.folder is None or self.every <= 0 else Path(self.folder) / CHECKPOINT_FILE
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write ``state`` whole or not at all (a new file renamed over the old); a failure only costs the save."""
+        path = self.path
+        if path is None:
+            return
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, partial)
+            os.replace(partial, path)
+        except OSError as error:
+            log.warning("could not save the fit's checkpoint to %s (%s); the fit goes on", path, error)
+            partial.unlink(missing_ok=True)
+
+    def load(self) -> dict[str, Any] | None:
+        path = self.path
+        if path is None or not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a damaged checkpoint means starting over, never a failed fit
+            log.warning("ignoring the unreadable checkpoint %s (%s); the fit starts over", path, error)
+            return None
+
+
+@dataclass
 class FitContext:
-    """What ``fit`` may use. ``generate`` returns base-model images through the store (cached by key)."""
+    """What ``fit`` may use. ``generate`` returns base-model images through the store (cached by key).
+
+    A fit loop that can be resumed calls :meth:`resume` once before its first step and :meth:`checkpoint` after
+    each; both do nothing unless the runner enabled checkpoints (``fit.checkpoint_every``).
+    """
 
     pipe: Any  # diffusers StableDiffusionPipeline, the unerased base model; do not modify
     concept: ConceptSpec
@@ -41,6 +93,86 @@ class FitContext:
     generate: Callable[[list[PromptItem]], list[Any]]  # -> list of PIL images from the base model
     device: torch.device = torch.device("cpu")
     seed: int = 0
+    checkpoints: FitCheckpoints = field(default_factory=FitCheckpoints)
+
+    def checkpoint(self, done: int, state: Callable[[], dict[str, Any]], total: int | None = None) -> None:
+        """After ``done`` steps, save ``state()`` (trained tensors, optimiser, generators, history) when ``done`` is
+        a multiple of the interval and not the last step (the artifact follows at once). Global torch RNG states
+        are saved with it, so a loop that also draws from them resumes exactly."""
+        every = self.checkpoints.every
+        if self.checkpoints.path is None or done % every or (total is not None and done >= total):
+            return
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        self.checkpoints.save({"step": done, "state": state(), "rng": rng})
+
+    def resume(self) -> tuple[int, dict[str, Any]] | None:
+        """``(steps done, the saved state)`` of the last checkpoint, the global RNG put back as it was then; None
+        when the fit starts from step 0."""
+        saved = self.checkpoints.load()
+        if saved is None:
+            return None
+        torch.set_rng_state(saved["rng"]["torch"])
+        if "cuda" in saved["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        log.info("resuming the fit after step %d from %s", saved["step"], self.checkpoints.path)
+        return int(saved["step"]), saved["state"]
+
+
+@dataclass
+class TrainingState:
+    """What a gradient loop needs to go on exactly where it stopped: the trained tensors (by name), the optimiser,
+    the loop's own generator, the AMP scaler and the loss history (a list, or a dict of lists, updated in place).
+
+    A loop builds one, calls :meth:`resume` before its first step (the steps already done) and
+    ``ctx.checkpoint(step + 1, state.snapshot, total)`` after each step."""
+
+    tensors: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator | None = None
+    scaler: Any = None  # torch.amp.GradScaler
+    history: list[Any] | dict[str, list[Any]] = field(default_factory=list)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"tensors": {n: t.detach() for n, t in self.tensors.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "generator": None if self.generator is None else self.generator.get_state(),
+                "scaler": None if self.scaler is None else self.scaler.state_dict(),
+                "history": self.history}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        load_tensors(self.tensors, saved["tensors"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.generator is not None:
+            self.generator.set_state(saved["generator"])
+        if self.scaler is not None and saved["scaler"]:
+            self.scaler.load_state_dict(saved["scaler"])
+        if isinstance(self.history, dict):
+            self.history.clear()
+            self.history.update(saved["history"])
+        else:
+            self.history[:] = saved["history"]
+
+    def resume(self, ctx: FitContext, total: int) -> int:
+        """Restore the last checkpoint, if any, and count its steps on the progress bar; returns the steps done."""
+        resumed = ctx.resume()
+        if resumed is None:
+            return 0
+        done, saved = resumed
+        self.restore(saved)
+        progress.step(done, total=total)
+        return done
+
+
+def load_tensors(named: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+    """Copy a checkpoint's tensors into the live ones of the same names (parameters, mask scores)."""
+    if set(named) != set(saved):
+        differ = sorted(set(named) ^ set(saved))[:5]
+        raise KeyError(f"the checkpoint holds other tensors than this fit trains: {differ}")
+    with torch.no_grad():
+        for name, tensor in named.items():
+            tensor.copy_(saved[name])
 
 
 class ImageFilter(ABC):

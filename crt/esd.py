@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext, edited_copy, replace_module
+from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext, TrainingState, edited_copy, replace_module
 from crt_bench import progress
 from crt_bench.spec import Family
 
@@ -174,7 +174,10 @@ class ESD(CRT):
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
         gen = torch.Generator().manual_seed(cfg.seed + ctx.seed)  # the run seed shifts the paper seed
         history: list[float] = []
-        for step, batch in zip(range(cfg.iterations), self._batches(ctx, cond, uncond, gen)):
+        training = TrainingState({n: p for n, p in unet.named_parameters() if n in names}, optimizer, gen, scaler,
+                                 history)
+        start = training.resume(ctx, cfg.iterations)  # the batches draw from ``gen``: restored, they go on
+        for step, batch in zip(range(start, cfg.iterations), self._batches(ctx, cond, uncond, gen)):
             with _autocast(device, cfg.mixed_precision):
                 loss = esd_loss(unet, frozen, batch, self.eta, cfg.target)
             optimizer.zero_grad(set_to_none=True)
@@ -185,6 +188,7 @@ class ESD(CRT):
                 raise FloatingPointError(f"ESD loss is {loss.item()} at step {step}")
             history.append(loss.item())
             progress.step(total=cfg.iterations, loss=history[-1])
+            ctx.checkpoint(step + 1, training.snapshot, cfg.iterations)
         tensors = {n: p.detach().float().cpu().clone() for n, p in unet.named_parameters() if n in names}
         meta = {"config": asdict(cfg), "concept_text": text, "trained_parameters": len(tensors),
                 "trained_numel": sum(t.numel() for t in tensors.values()), "loss": _summarise(history, cfg.log_every),

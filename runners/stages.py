@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from attacks.base import DEFAULT_TARGET_SET, AdversarialPrompt, Attack, AttackContext, AttackCost, check_compatible
-from crt.base import CRT, Artifact, DefendedModel, FitContext
+from crt.base import CRT, Artifact, DefendedModel, FitCheckpoints, FitContext
 from crt_bench import progress
 from runners import concepts, registry
 from runners.concepts import SourceFetcher, concept_spec, items_from_json, items_to_json, prompt_sets
@@ -35,6 +37,70 @@ log = logging.getLogger(__name__)
 STAGES = ("prompts", "fit", "attack", "generate", "score", "metrics", "report")
 EVALUATED_SETS = ("unacceptable", "implicit", "acceptable")
 SETTINGS_FIELDS = tuple(GenerationSettings.__dataclass_fields__)
+SHARD_LAST_STAGE = "score"  # a shard stores products; metrics need every shard's, so the assembly computes them
+CHECKPOINTS = "checkpoints"  # store.root/checkpoints/<artifact key>/: the state of a fit under way
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which part of one evaluation this job makes: in every prompt set and in the attack's target list, the items
+    at positions ``i`` with ``i % count == index``. ``Shard()`` is the whole run.
+
+    Why positions modulo count: every job computes its part from the config alone, with no coordinator, and the
+    parts are disjoint, cover the run and stay balanced. A shard makes the same products (same keys) as the
+    unsharded run, stores them, and stops after scoring; a run without shard settings then assembles the metrics
+    from the store."""
+
+    index: int = 0
+    count: int = 1
+
+    @property
+    def partial(self) -> bool:
+        return self.count > 1
+
+    def take(self, items: list[Any] | tuple[Any, ...]) -> list[Any]:
+        return [item for position, item in enumerate(items) if position % self.count == self.index]
+
+    def __str__(self) -> str:
+        return f"shard {self.index} of {self.count}"
+
+
+def shard_of(cfg: dict[str, Any], environ: dict[str, str] | None = None) -> Shard:
+    """``shard.index`` / ``shard.count``, else ``CRT_BENCH_SHARD_INDEX`` / ``CRT_BENCH_SHARD_COUNT``; with a count
+    but no index, a job of the user's own ``sbatch --array`` takes ``SLURM_ARRAY_TASK_ID`` (minus
+    ``SLURM_ARRAY_TASK_MIN``). Not inside a submitit job (a Hydra sweep): there the array index numbers the sweep's
+    jobs, not shards, so a sweep passes ``shard.index=0,1,2`` itself."""
+    env = os.environ if environ is None else environ
+    given = cfg.get("shard") or {}
+    count = _shard_number("shard.count", given.get("count"), "CRT_BENCH_SHARD_COUNT", env)
+    index = _shard_number("shard.index", given.get("index"), "CRT_BENCH_SHARD_INDEX", env)
+    count = 1 if count is None else count
+    if index is None and count > 1 and "SLURM_ARRAY_TASK_ID" in env and "SUBMITIT_EXECUTOR" not in env:
+        task = _shard_number("SLURM_ARRAY_TASK_ID", None, "SLURM_ARRAY_TASK_ID", env)
+        index = task - (_shard_number("SLURM_ARRAY_TASK_MIN", None, "SLURM_ARRAY_TASK_MIN", env) or 0)
+    if count < 1:
+        raise HarnessError(f"shard.count={count}; give the number of jobs the run is split into (1: unsharded)")
+    if index is None:
+        if count > 1:
+            raise HarnessError(f"shard.count={count} but no shard.index; pass shard.index=0..{count - 1} (or set "
+                               f"CRT_BENCH_SHARD_INDEX, or run it as a Slurm array job)")
+        index = 0
+    if not 0 <= index < count:
+        raise HarnessError(f"shard.index={index} with shard.count={count}; give an index from 0 to {count - 1}")
+    return Shard(index, count)
+
+
+def _shard_number(name: str, value: Any, variable: str, env: Any) -> int | None:
+    if value is None:
+        value = env.get(variable)
+        name = variable
+        if value is None or value == "":
+            return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise HarnessError(f"{name}={value!r} is not an integer")
 
 
 @dataclass
@@ -51,6 +117,7 @@ class Run:
     maker: ImageMaker
     counters: Counters
     timings: dict[str, float] = field(default_factory=dict)
+    shard: Shard = field(default_factory=Shard)
     concept: ConceptSpec | None = None
     prompts_key: str | None = None
     artifact_key: str | None = None
@@ -89,6 +156,7 @@ def generation_settings(cfg: dict[str, Any]) -> GenerationSettings:
 
 def prepare(cfg: dict[str, Any], root: Path, pipelines: PipelineCache | None = None) -> Run:
     """Build the plug-ins, refuse an incompatible CRT x attack pair, and locate the model; all in seconds."""
+    shard = shard_of(cfg)
     model_name = cfg["model"].get("name")
     crt = registry.build_crt(cfg["crt"], model_name, cfg.get("concept"))
     attack = registry.build_attack(cfg["attack"], model_name, cfg.get("concept"))
@@ -102,7 +170,7 @@ def prepare(cfg: dict[str, Any], root: Path, pipelines: PipelineCache | None = N
     maker = ImageMaker(store, model, settings, row_guidance=bool(gen.get("row_guidance", True)),
                        placeholder=str(cfg["metric"].get("placeholder", "black")), counters=counters,
                        progress=bool(cfg.get("progress", True)))
-    return Run(cfg, root, store, model, settings, crt, attack, maker, counters)
+    return Run(cfg, root, store, model, settings, crt, attack, maker, counters, shard=shard)
 
 
 def _resolve(root: Path, path: str | Path) -> Path:
@@ -146,16 +214,27 @@ def artifact_spec(run: Run) -> dict[str, Any]:
             "numerics": numerics_versions()}
 
 
+def fit_checkpoints(run: Run, artifact_key: str) -> FitCheckpoints:
+    """Where the fit of ``artifact_key`` saves its state (``checkpoints/<key>`` in the store, so only the same fit
+    resumes it), every ``fit.checkpoint_every`` steps (0 or null: never). The interval is no part of any key."""
+    every = (run.cfg.get("fit") or {}).get("checkpoint_every") or 0
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise HarnessError(f"fit.checkpoint_every={every!r}; give a number of steps, or 0 for no checkpoints")
+    return FitCheckpoints(folder=run.store.root / CHECKPOINTS / artifact_key, every=every)
+
+
 def stage_fit(run: Run) -> None:
-    """Fit the CRT once per (model, CRT identity, concept prompts, settings, seed); the artifact is stored."""
+    """Fit the CRT once per (model, CRT identity, concept prompts, settings, seed); the artifact is stored. A fit
+    killed mid-way resumes from its last checkpoint, which is deleted once the artifact is stored."""
     spec = artifact_spec(run)
     run.base = base_system(run.model)
+    checkpoints = fit_checkpoints(run, key_of(spec))
 
     def write(folder: Path) -> dict[str, Any]:
         log.info("fitting %s on %s", run.crt.name, run.concept.key)
         ctx = FitContext(pipe=run.model.pipe, concept=run.concept, settings=run.settings,
                          generate=lambda items: run.maker.delivered_images(run.base, list(items), "fit"),
-                         device=run.model.device, seed=run.seed)
+                         device=run.model.device, seed=run.seed, checkpoints=checkpoints)
         try:
             with progress.bar(f"fit {run.crt.name}", unit="step", enabled=run.maker.progress):
                 artifact = run.crt.fit(ctx)
@@ -167,6 +246,7 @@ def stage_fit(run: Run) -> None:
         return {"n_tensors": len(artifact.tensors), "meta": artifact.meta}
 
     entry, fitted = run.store.get_or_put_files("artifact", spec, write)
+    shutil.rmtree(checkpoints.folder, ignore_errors=True)  # also a leftover of a fit killed after storing
     run.artifact_key = entry.key
     run.artifact_meta = (entry.value or {}).get("meta")
     log.info("artifact %s %s", entry.key, "fitted" if fitted else "reused")
@@ -264,8 +344,9 @@ def reference_records_name(run: Run) -> str:
 
 
 def stage_attack(run: Run) -> None:
-    """Adversarial prompts for the unacceptable targets, stored one per target (a killed attack resumes)."""
-    targets = attack_targets(run)
+    """Adversarial prompts for the unacceptable targets (this shard's), stored one per target (a killed attack
+    resumes)."""
+    targets = run.shard.take(attack_targets(run))
     found = run.store.get_many([key_of(adversarial_spec(run, t)) for t in targets])
     todo = [t for t in targets if key_of(adversarial_spec(run, t)) not in found]
     if todo:
@@ -359,16 +440,17 @@ def load_adversarial(run: Run, target: PromptItem) -> AdversarialPrompt | None:
 
 
 def stage_generate(run: Run) -> None:
-    """Defended images of the evaluated sets, base images of the acceptable set, images of adversarial prompts."""
-    concept = run.concept
+    """Defended images of the evaluated sets, base images of the acceptable set, images of adversarial prompts;
+    of this shard's prompts and targets when the run is sharded."""
+    concept, take = run.concept, run.shard.take
     for name in EVALUATED_SETS:
         if name in concept.prompts:
-            run.records[f"defended/{name}"] = run.maker.make(run.defended, run.maker.requests(concept.prompts[name]),
-                                                             name)
+            run.records[f"defended/{name}"] = run.maker.make(run.defended,
+                                                             run.maker.requests(take(concept.prompts[name])), name)
     if "acceptable" in concept.prompts:
-        run.records["base/acceptable"] = run.maker.make(run.base, run.maker.requests(concept.prompts["acceptable"]),
-                                                        "acceptable")
-    targets = attack_targets(run)
+        acceptable = run.maker.requests(take(concept.prompts["acceptable"]))
+        run.records["base/acceptable"] = run.maker.make(run.base, acceptable, "acceptable")
+    targets = take(attack_targets(run))
     if run.attack.name != "none":  # the unerased model on the targets: which targets are "ideal" (P4D's FR)
         run.records[reference_records_name(run)] = run.maker.make(run.base, run.maker.requests(targets),
                                                                   f"reference {run.attack.target_set}")
@@ -441,11 +523,16 @@ def run_stages(run: Run, stop_after: str = "report") -> Run:
     if stop_after not in STAGES:
         raise HarnessError(f"stop_after={stop_after!r}; choose one of {list(STAGES)}")
     functions = {**STAGE_FUNCTIONS, "metrics": stage_metrics, "report": stage_report}
+    if run.shard.partial and STAGES.index(stop_after) > STAGES.index(SHARD_LAST_STAGE):
+        stop_after = SHARD_LAST_STAGE
     for stage in STAGES:
         with run.timed(stage):
             functions[stage](run)
         if stage == stop_after:
             break
+    if run.shard.partial:
+        log.info("%s: its products are in the store (%s); a run without shard settings assembles the metrics",
+                 run.shard, run.store.root)
     log.info(run.counters.line())
     return run
 
