@@ -123,7 +123,8 @@ class FitContext:
 @dataclass
 class TrainingState:
     """What a gradient loop needs to go on exactly where it stopped: the trained tensors (by name), the optimiser,
-    the loop's own generator, the AMP scaler and the loss history (a list, or a dict of lists, updated in place).
+    the loop's own generator, the AMP scaler and the loss history (a list, or a dict of lists, updated in place);
+    with ``grads``, the tensors' gradients too (a loop that accumulates them across steps).
 
     A loop builds one, calls :meth:`resume` before its first step (the steps already done) and
     ``ctx.checkpoint(step + 1, state.snapshot, total)`` after each step."""
@@ -133,16 +134,20 @@ class TrainingState:
     generator: torch.Generator | None = None
     scaler: Any = None  # torch.amp.GradScaler
     history: list[Any] | dict[str, list[Any]] = field(default_factory=list)
+    grads: bool = False
 
     def snapshot(self) -> dict[str, Any]:
         return {"tensors": {n: t.detach() for n, t in self.tensors.items()},
                 "optimizer": self.optimizer.state_dict(),
                 "generator": None if self.generator is None else self.generator.get_state(),
                 "scaler": None if self.scaler is None else self.scaler.state_dict(),
-                "history": self.history}
+                "history": self.history,
+                "grads": {n: t.grad for n, t in self.tensors.items() if t.grad is not None} if self.grads else {}}
 
     def restore(self, saved: dict[str, Any]) -> None:
         load_tensors(self.tensors, saved["tensors"])
+        for name, grad in saved["grads"].items():
+            self.tensors[name].grad = grad.to(self.tensors[name].device)
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.generator is not None:
             self.generator.set_state(saved["generator"])

@@ -24,6 +24,7 @@ The artifact is the trained parameters only.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crt.base import Artifact, FitContext, UNetEdit, pil_to_pixels
+from crt.base import Artifact, FitContext, TrainingState, UNetEdit, pil_to_pixels
 from crt.esd import _autocast, _encode, _eps, _summarise
 from crt_bench import progress
 from crt_bench.spec import Family, PromptItem
@@ -225,7 +226,11 @@ class CA(UNetEdit):
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
         gen = torch.Generator().manual_seed(cfg.seed + ctx.seed)  # the run seed shifts the paper seed
         history: list[float] = []
-        for step, batch in zip(range(cfg.max_train_steps), self.batches(ctx, data, gen)):
+        training = TrainingState({n: p for n, p in unet.named_parameters() if n in names}, optimizer, scaler=scaler,
+                                 history=history)
+        start = training.resume(ctx, cfg.max_train_steps)
+        batches = itertools.islice(self.batches(ctx, data, gen), start, None)  # replayed: drawing them is cheap
+        for step, batch in zip(range(start, cfg.max_train_steps), batches):
             with _autocast(device, cfg.mixed_precision):
                 loss = ca_loss(unet, batch, cfg.loss_type, cfg.prior_loss_weight)
             optimizer.zero_grad(set_to_none=True)
@@ -238,6 +243,7 @@ class CA(UNetEdit):
                 raise FloatingPointError(f"CA loss is {loss.item()} at step {step}")
             history.append(loss.item())
             progress.step(total=cfg.max_train_steps, loss=history[-1])
+            ctx.checkpoint(step + 1, training.snapshot, cfg.max_train_steps)
         tensors = {n: p.detach().float().cpu().clone() for n, p in unet.named_parameters() if n in names}
         return Artifact(tensors=tensors, meta={**self.describe(data, lr), "trained_parameters": len(tensors),
                                                "trained_numel": sum(t.numel() for t in tensors.values()),

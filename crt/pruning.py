@@ -20,6 +20,7 @@ scores train. Its step count (ESD ``iterations``, CA ``max_train_steps``) is the
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from crt.base import Artifact, FitContext, UNetEdit
+from crt.base import Artifact, FitContext, TrainingState, UNetEdit
 from crt.ca import CA, ca_loss
 from crt.esd import ESD, _encode, _summarise, esd_loss, target_formula
 from crt_bench import progress
@@ -116,6 +117,7 @@ class Eraser:
     loss: Callable[[nn.Module, Any], torch.Tensor]
     steps: int
     meta: dict[str, Any]
+    replay: bool = False  # a resumed fit redraws its batches (cheap), else restores the generator they draw from
 
 
 def esd_eraser(ctx: FitContext, params: dict[str, Any], gen: torch.Generator) -> Eraser:
@@ -143,7 +145,8 @@ def ca_eraser(ctx: FitContext, params: dict[str, Any], gen: torch.Generator) -> 
                   loss=lambda unet, batch: ca_loss(unet, batch, cfg.loss_type, cfg.prior_loss_weight),
                   steps=cfg.max_train_steps,
                   meta={"eraser": {"crt": "ca", "version": ca.version},
-                        **{k: described[k] for k in ("objective", "anchor_images", "anchor_prompts", "pairs_head")}})
+                        **{k: described[k] for k in ("objective", "anchor_images", "anchor_prompts", "pairs_head")}},
+                  replay=True)
 
 
 ERASER_BUILDERS: dict[str, Callable[[FitContext, dict[str, Any], torch.Generator], Eraser]] = {
@@ -182,7 +185,11 @@ class MaskedEraser(UNetEdit):
         optimizer = torch.optim.Adam([m.scores for m in masks.values()], lr=cfg.lr)
         steps = eraser.steps if cfg.iterations is None else cfg.iterations
         history: dict[str, list[float]] = {"eraser": [], "sparsity": []}
-        for step, batch in zip(range(steps), eraser.batches):
+        training = TrainingState({name: m.scores for name, m in masks.items()}, optimizer,
+                                 None if eraser.replay else gen, history=history)
+        start = training.resume(ctx, steps)
+        batches = itertools.islice(eraser.batches, start, None) if eraser.replay else eraser.batches
+        for step, batch in zip(range(start, steps), batches):
             erase = eraser.loss(unet, batch)
             sparse = sparsity_term(list(masks.values()), cfg.sparsity_weight)
             optimizer.zero_grad(set_to_none=True)
@@ -193,6 +200,7 @@ class MaskedEraser(UNetEdit):
             history["eraser"].append(erase.item())
             history["sparsity"].append(sparse.item())
             progress.step(total=steps, loss=history["eraser"][-1], sparsity=history["sparsity"][-1])
+            ctx.checkpoint(step + 1, training.snapshot, steps)
         tensors = {name: m.kept().cpu() for name, m in masks.items()}
         return Artifact(tensors=tensors, meta={**eraser.meta, "config": asdict(cfg), **pruning_stats(tensors),
                                                "loss": {k: _summarise(v, cfg.log_every) for k, v in history.items()}})

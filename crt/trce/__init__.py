@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from crt.base import CRT, Artifact, FitContext, UNetEdit, edited_copy
+from crt.base import CRT, Artifact, FitContext, TrainingState, UNetEdit, edited_copy
 from crt.trce.stage1 import Stage1Config, fit_stage1, prompt_pairs
 from crt.trce.stage2 import (
     Stage2Config,
@@ -116,7 +116,12 @@ class TRCE(TRCEStage1):
         targets, regs, uncond, data = prepare_samples(pipe, pairs, s2, plan, parity, size, gen, encode)
         optimizer = torch.optim.AdamW([p for n, p in ft.named_parameters() if n in set(names)], lr=s2.lr,
                                       betas=(0.9, 0.999), weight_decay=s2.weight_decay, eps=1e-8)
-        history = steer(ft, pipe.unet, reg, optimizer, uncond, targets, regs, s2, parity)
+        history: dict[str, list[float]] = {"target": [], "reg": [], "loss": []}
+        training = TrainingState({n: p for n, p in ft.named_parameters() if n in set(names)}, optimizer,
+                                 history=history, grads=parity)  # parity: gradients accumulate across steps
+        start = training.resume(ctx, len(targets))  # the samples above are redrawn from the seed
+        steer(ft, pipe.unet, reg, optimizer, uncond, targets, regs, s2, parity, history, start,
+              lambda done: ctx.checkpoint(done, training.snapshot, len(targets)))
         trained = {n: p.detach().float().cpu().clone() for n, p in ft.named_parameters() if n in set(names)}
         tensors = stage1_tensors | trained
         stage2_meta = {"trained_parameters": len(trained), "trained_numel": sum(t.numel() for t in trained.values()),

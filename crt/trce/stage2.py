@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,10 +148,14 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parity:
 
 def steer(ft: nn.Module, ref: nn.Module, reg: nn.Module, optimizer: torch.optim.Optimizer, uncond: torch.Tensor,
           targets: Sequence[Sample], regs: Sequence[Sequence[Sample | None]], cfg: Stage2Config,
-          parity: bool) -> dict[str, list[float]]:
-    """The training loop over prepared samples: ``targets[k]`` with the regulariser samples ``regs[k]``."""
-    history: dict[str, list[float]] = {"target": [], "reg": [], "loss": []}
+          parity: bool, history: dict[str, list[float]] | None = None, start: int = 0,
+          after_step: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+    """The training loop over prepared samples: ``targets[k]`` with the regulariser samples ``regs[k]``, from
+    iteration ``start`` (a resumed fit, ``history`` holding the earlier ones); ``after_step(k + 1)`` after each."""
+    history = {"target": [], "reg": [], "loss": []} if history is None else history
     for k, (sample, batch) in enumerate(zip(targets, regs)):
+        if k < start:
+            continue
         x, t = sample.x, sample.t
         with torch.no_grad():
             eps_n, eps_s, eps_0 = predict(ref, torch.cat([x, x, x]), t, torch.cat([sample.neg, sample.safe, uncond])
@@ -176,6 +180,8 @@ def steer(ft: nn.Module, ref: nn.Module, reg: nn.Module, optimizer: torch.optim.
         history["reg"].append(reg_loss.item())
         history["loss"].append(loss.item())
         progress.step(total=len(targets), loss=history["loss"][-1])
+        if after_step is not None:
+            after_step(k + 1)
     return history
 
 

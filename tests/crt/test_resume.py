@@ -74,18 +74,64 @@ def kill_and_resume(make: Callable[[], CRT], tiny, concept, folder: Path, every:
     return whole, resumed, counter.calls
 
 
-def test_a_killed_esd_fit_resumes_to_the_same_artifact(sd14, concept, tmp_path, monkeypatch):
-    import crt.esd
+def _esd() -> CRT:
     from crt.esd import ESD
 
-    def make() -> CRT:
-        return ESD(method="x", iterations=7, ddim_steps=4, lr=1e-3)
+    return ESD(method="x", iterations=7, ddim_steps=4, lr=1e-3)
 
-    whole, resumed, steps = kill_and_resume(make, sd14, concept, tmp_path / "ckpt", every=2, kill_at=4,
-                                            loss=(crt.esd, "esd_loss"), monkeypatch=monkeypatch)
+
+def _ca() -> CRT:
+    from crt.ca import CA
+
+    # 2 batches an epoch: killed after step 3, in the middle of the second epoch; prior preservation and flips on
+    return CA(num_anchor_images=4, max_train_steps=5, batch_size=2, lr=1e-3, scale_lr=False)
+
+
+def _p_esd() -> CRT:
+    from crt.pruning import MaskedEraser
+
+    return MaskedEraser(eraser="esd", eraser_params={"iterations": 5, "ddim_steps": 4}, init_score=0.05, lr=0.5)
+
+
+def _p_ca() -> CRT:
+    from crt.pruning import MaskedEraser
+
+    return MaskedEraser(eraser="ca", eraser_params={"num_anchor_images": 3, "max_train_steps": 5, "batch_size": 2},
+                        init_score=0.05, lr=0.5)
+
+
+def _trce(parity: bool) -> Callable[[], CRT]:
+    def make() -> CRT:
+        from crt.trce import TRCE
+
+        # 3 malicious trajectories x 2 epochs = 6 iterations; parity accumulates gradients across steps
+        return TRCE(templates=["{}"], preserve_set="finetune_acceptable", trajectory_template="{}",
+                    seeds_per_prompt=1, uncond_trajectories=2, ddim_steps=4, max_early_step=1, epochs=2,
+                    reg_batch=2, lr=1e-3, parity=parity)
+
+    return make
+
+
+# (CRT, checkpoint interval, killed after step, the module function called once a step, steps in all)
+CASES = {
+    "esd": (_esd, 2, 4, ("crt.esd", "esd_loss"), 7),
+    "ca": (_ca, 3, 3, ("crt.ca", "ca_loss"), 5),
+    "p_esd": (_p_esd, 2, 2, ("crt.pruning", "esd_loss"), 5),
+    "p_ca": (_p_ca, 3, 3, ("crt.pruning", "ca_loss"), 5),
+    "trce": (_trce(False), 2, 2, ("crt.trce.stage2", "margin_loss"), 6),
+    "trce_parity": (_trce(True), 2, 4, ("crt.trce.stage2", "margin_loss"), 6),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_killed_fit_resumes_to_the_same_artifact(case, sd14, concept, tmp_path, monkeypatch):
+    import importlib
+
+    make, every, kill_at, (module, name), total = CASES[case]
+    whole, resumed, steps = kill_and_resume(make, sd14, concept, tmp_path / "ckpt", every, kill_at,
+                                            (importlib.import_module(module), name), monkeypatch)
     _assert_same(resumed, whole)
-    assert steps == 3  # steps 5, 6, 7 only
-    assert whole.meta["loss"]["steps"] == 7
+    assert steps == total - kill_at  # only the steps after the checkpoint were computed again
 
 
 def test_a_checkpoint_holds_the_step_and_is_not_written_after_the_last_step(sd14, concept, tmp_path):
