@@ -16,13 +16,14 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from crt.base import Artifact, FitContext, UNetEdit
+from crt.base import Artifact, FitContext, TrainingState, UNetEdit
 from crt.shielddiff.ddpo import (
     PerPromptStatTracker,
     Trajectories,
@@ -149,8 +150,16 @@ class ShieldDiff(UNetEdit):
                                       weight_decay=cfg.weight_decay)
         tracker = PerPromptStatTracker(cfg.buffer_size, cfg.min_count)
         order: list[int] = []
-        history = []
-        for epoch in range(cfg.epochs):
+        history: list[dict[str, Any]] = []
+        training = TrainingState({str(i): p for i, p in enumerate(params)}, optimizer, gen, history=history)
+        begin = 0
+        if (resumed := ctx.resume()) is not None:  # after an epoch: also the prompt cycle and the reward buffers
+            begin, saved = resumed
+            training.restore(saved)
+            order = saved["order"]
+            tracker.buffers = {p: deque(v, maxlen=cfg.buffer_size) for p, v in saved["buffers"].items()}
+            progress.step(begin, total=cfg.epochs)
+        for epoch in range(begin, cfg.epochs):
             chosen, order = _next_prompts(order, len(pool), cfg.prompts_per_epoch, gen)
             index = [i for i in chosen for _ in range(cfg.samples_per_prompt)]
             texts = [pool[i][0] for i in index]
@@ -170,6 +179,9 @@ class ShieldDiff(UNetEdit):
             if not math.isfinite(stats["loss"]):
                 raise FloatingPointError(f"ShieldDiff loss is {stats['loss']} at epoch {epoch + 1}")
             progress.step(total=cfg.epochs, loss=stats["loss"], reward=history[-1]["reward"])
+            ctx.checkpoint(epoch + 1, lambda order=order: {
+                **training.snapshot(), "order": order, "buffers": {p: list(b) for p, b in tracker.buffers.items()}},
+                cfg.epochs)
         tensors = merged_state(adapters)
         meta = {"config": asdict(cfg), "reward": {"concept": scorer.identity, "clip": clip.identity,
                                                   "formula": f"-{cfg.w_concept:g} * concept + {cfg.w_clip:g} * clip"},
