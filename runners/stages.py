@@ -538,6 +538,9 @@ def run_stages(run: Run, stop_after: str = "report") -> Run:
 
 
 def torch_threads(cfg: dict[str, Any]) -> None:
+    """``threads=N`` sets torch's CPU threads; null keeps torch's default, which is ``OMP_NUM_THREADS`` when set (the
+    ``local`` launcher sets it to cores // jobs, runners/launchers.py)."""
     threads = cfg.get("threads")
     if threads:
         torch.set_num_threads(int(threads))
+    log.info("torch CPU threads: %d", torch.get_num_threads())
