@@ -3,6 +3,11 @@
 Each stage reads the previous product by key and writes its own through the store, so any stage can be the last
 one run (``stop_after=fit``) and a rerun resumes at the first missing product. Nothing is loaded before it is
 needed: a fully stored run never loads the diffusion pipeline.
+
+One evaluation can be split over jobs (:class:`Shard`): each makes and scores its part of every prompt set and of
+the attack targets, and stops; a run without shard settings then assembles the metrics from the store. It computes
+whatever a failed shard left missing, as any rerun does (its closing ``images generated: N`` line says how much),
+so it never waits on a shard and never needs to know how many there were.
 """
 
 from __future__ import annotations
@@ -157,6 +162,7 @@ def generation_settings(cfg: dict[str, Any]) -> GenerationSettings:
 def prepare(cfg: dict[str, Any], root: Path, pipelines: PipelineCache | None = None) -> Run:
     """Build the plug-ins, refuse an incompatible CRT x attack pair, and locate the model; all in seconds."""
     shard = shard_of(cfg)
+    checkpoint_interval(cfg)
     model_name = cfg["model"].get("name")
     crt = registry.build_crt(cfg["crt"], model_name, cfg.get("concept"))
     attack = registry.build_attack(cfg["attack"], model_name, cfg.get("concept"))
@@ -214,13 +220,18 @@ def artifact_spec(run: Run) -> dict[str, Any]:
             "numerics": numerics_versions()}
 
 
-def fit_checkpoints(run: Run, artifact_key: str) -> FitCheckpoints:
-    """Where the fit of ``artifact_key`` saves its state (``checkpoints/<key>`` in the store, so only the same fit
-    resumes it), every ``fit.checkpoint_every`` steps (0 or null: never). The interval is no part of any key."""
-    every = (run.cfg.get("fit") or {}).get("checkpoint_every") or 0
+def checkpoint_interval(cfg: dict[str, Any]) -> int:
+    """``fit.checkpoint_every``: steps between two saves of a fit's state (0 or null: never)."""
+    every = (cfg.get("fit") or {}).get("checkpoint_every") or 0
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise HarnessError(f"fit.checkpoint_every={every!r}; give a number of steps, or 0 for no checkpoints")
-    return FitCheckpoints(folder=run.store.root / CHECKPOINTS / artifact_key, every=every)
+    return every
+
+
+def fit_checkpoints(run: Run, artifact_key: str) -> FitCheckpoints:
+    """Where the fit of ``artifact_key`` saves its state (``checkpoints/<key>`` in the store, so only the same fit
+    resumes it) and how often. The interval is no part of any key."""
+    return FitCheckpoints(folder=run.store.root / CHECKPOINTS / artifact_key, every=checkpoint_interval(run.cfg))
 
 
 def stage_fit(run: Run) -> None:
