@@ -60,12 +60,18 @@ def _run(document: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
                        "preset": preset.get("name"), "preset_protocol": preset.get("protocol")})
 
 
+def configured_dtype(document: dict[str, Any], model_cfg: dict[str, Any]) -> str | None:
+    """The config's ``model.dtype``, or the dtype the run resolved it to when the config says ``auto``."""
+    configured = model_cfg.get("dtype")
+    return (document.get("model") or {}).get("dtype") if configured in (None, "auto") else configured
+
+
 def _model(document: dict[str, Any], model_cfg: dict[str, Any]) -> dict[str, Any]:
     model = document.get("model") or {}
     return _drop_none({"name": model.get("name", model_cfg.get("name")),
                        "id": model.get("hub_id") or model_cfg.get("path"), "revision": model.get("revision"),
                        "weights_sha256": model.get("weights_sha256"),
-                       "dtype": model_cfg.get("dtype", model.get("dtype")), "device_type": model.get("device_type"),
+                       "dtype": configured_dtype(document, model_cfg), "device_type": model.get("device_type"),
                        "safety_checker": model.get("safety_checker", model_cfg.get("safety_checker"))})
 
 
@@ -122,7 +128,7 @@ def _sampler(document: dict[str, Any], model_cfg: dict[str, Any]) -> dict[str, A
     settings = dict(document.get("generation") or {k: v for k, v in gen_cfg.items()
                                                    if k not in ("seed", "row_guidance")})
     settings["row_guidance"] = gen_cfg.get("row_guidance")
-    settings["dtype"] = model_cfg.get("dtype")
+    settings["dtype"] = configured_dtype(document, model_cfg)
     return _drop_none(settings)
 
 

@@ -3,6 +3,20 @@
 Why a module of its own: weights must be located and hashed before anything is generated (the hash is part of
 every key), a missing model must fail in seconds with one line instead of a traceback wall, and the pipeline is
 loaded at most once per process and only when something actually has to be computed.
+
+Hardware knobs of a model config, and which of them enter product keys (through :attr:`ModelHandle.identity`):
+
+- ``dtype`` (``auto`` | ``float32`` | ``float16`` | ``bfloat16``): the precision every weight and activation is
+  rounded to, so it changes pixels well beyond rounding noise: the resolved dtype is in every key. ``auto`` is
+  float16 on CUDA and float32 elsewhere; float16 on a CPU is refused (slow or unsupported kernels), bfloat16 on a
+  CPU runs but is warned as slow.
+- ``attention`` (``sdpa`` | ``eager``), ``compile`` and ``vae_slicing``: not in any key, recorded in
+  :attr:`ModelHandle.description` (the results' provenance). Each computes the same function in another order:
+  SDPA's fused kernels (``AttnProcessor2_0``) against diffusers' explicit softmax(QK^T)V (``AttnProcessor``, what
+  ``set_default_attn_processor`` installs), Inductor's fused kernels against eager PyTorch, one image at a time
+  through the VAE decoder against the whole batch. That is the same kind of difference as the generation batch size,
+  which is not in the keys either (pixels move by at most a couple of levels in 255, tests/runners/test_generate.py
+  and test_models.py). Keying them would make a speed knob recompute the whole store.
 """
 
 from __future__ import annotations
@@ -11,7 +25,7 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -23,6 +37,8 @@ from runners.store import Store
 
 log = logging.getLogger(__name__)
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ATTENTION = ("sdpa", "eager")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 VARIANT_INFIX = re.compile(r"\.(fp16|fp32|bf16|ema|non_ema)\.")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -47,12 +63,61 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """fp16 only where it is fast and supported (CUDA); a CPU run of an fp16 config computes in fp32."""
-    dtype = getattr(torch, name)
-    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        log.info("model dtype %s requested on CPU: using float32", name)
-        return torch.float32
+    """The compute dtype of ``model.dtype`` on ``device``: ``auto`` is float16 on CUDA (SD's half-precision
+    practice) and float32 elsewhere; float16 on a CPU is refused with one line, bfloat16 there is warned as slow."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise HarnessError(f"model.dtype={name!r} is not one of auto, {', '.join(DTYPES)}")
+    dtype = DTYPES[name]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise HarnessError("model.dtype=float16 on a CPU: half precision is slow or unsupported there; pass "
+                           "model.dtype=auto (float16 on CUDA, float32 on a CPU) or model.dtype=float32")
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        log.warning("model.dtype=bfloat16 on a CPU: supported but slow; model.dtype=auto computes in float32 there")
     return dtype
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Speed and memory knobs applied to a loaded pipeline; none enters a key (see the module docstring)."""
+
+    attention: str = "sdpa"  # sdpa: AttnProcessor2_0 | eager: diffusers' default AttnProcessor
+    compile: bool = False  # torch.compile of the UNet in place (nn.Module.compile), compiled on its first call
+    vae_slicing: bool = False  # decode one image at a time: lower peak memory for large batches
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> PipelineOptions:
+        """The knobs of a model config, checked up front (one line naming the key)."""
+        attention = cfg.get("attention") or "sdpa"
+        if attention not in ATTENTION:
+            raise HarnessError(f"model.attention={attention!r} is not one of {', '.join(ATTENTION)}")
+        flags = {key: False if cfg.get(key) is None else cfg.get(key) for key in ("compile", "vae_slicing")}
+        for key, value in flags.items():
+            if not isinstance(value, bool):
+                raise HarnessError(f"model.{key}={value!r} must be true or false")
+        return cls(attention=attention, **flags)
+
+
+def apply_options(pipe: Any, options: PipelineOptions) -> None:
+    """Set the attention processors of the UNet and VAE, VAE slicing and compilation through diffusers' and torch's
+    own APIs. ``nn.Module.compile`` compiles in place, so parameter names, ``state_dict`` keys and deep copies (every
+    weight-editing CRT copies the UNet) stay those of the uncompiled module, unlike the ``torch.compile(module)``
+    wrapper (``_orig_mod.`` prefixes). The text encoder keeps transformers' own attention."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for name in ("unet", "vae"):
+        component = getattr(pipe, name, None)
+        if component is None or not hasattr(component, "set_attn_processor"):
+            continue
+        if options.attention == "eager":
+            component.set_default_attn_processor()
+        else:
+            component.set_attn_processor(AttnProcessor2_0())
+    if options.vae_slicing:
+        pipe.vae.enable_slicing()
+    if options.compile:
+        pipe.unet.compile()
 
 
 @dataclass(frozen=True)
@@ -176,6 +241,7 @@ class ModelHandle:
     device: torch.device
     dtype: torch.dtype
     scheduler: str
+    options: PipelineOptions = field(default_factory=PipelineOptions)
     loads: list[float] = field(default_factory=list)  # seconds per load, for the results file
 
     @property
@@ -192,14 +258,15 @@ class ModelHandle:
     @property
     def description(self) -> dict[str, Any]:
         return {"name": self.cfg.get("name"), "source": self.location.source, "hub_id": self.location.hub_id,
-                "revision": self.location.revision, "path": str(self.location.folder), **self.identity}
+                "revision": self.location.revision, "path": str(self.location.folder), **self.identity,
+                **asdict(self.options)}
 
     @cached_property
     def pipe(self) -> Any:
         import time
 
         start = time.perf_counter()
-        pipe = load_pipeline(self.location.folder, self.cfg, self.device, self.dtype)
+        pipe = load_pipeline(self.location.folder, self.cfg, self.device, self.dtype, self.options)
         set_scheduler(pipe, self.scheduler)
         self.loads.append(time.perf_counter() - start)
         log.info("loaded %s from %s in %.1f s", self.cfg.get("name"), self.location.folder, self.loads[-1])
@@ -210,8 +277,10 @@ class ModelHandle:
         return "pipe" in self.__dict__
 
 
-def load_pipeline(folder: Path, cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
-    """The real-path loader: any diffusers folder, SD safety checker off unless the config asks for it."""
+def load_pipeline(folder: Path, cfg: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                  options: PipelineOptions | None = None) -> Any:
+    """The real-path loader: any diffusers folder, SD safety checker off unless the config asks for it, the config's
+    knobs applied (``options``, else read from ``cfg``)."""
     import diffusers
 
     cls = getattr(diffusers, cfg.get("pipeline_class", "StableDiffusionPipeline"))
@@ -232,6 +301,7 @@ def load_pipeline(folder: Path, cfg: dict[str, Any], device: torch.device, dtype
         diffusers.utils.logging.set_verbosity(verbosity)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    apply_options(pipe, options or PipelineOptions.from_config(cfg))
     return pipe
 
 
@@ -245,14 +315,15 @@ class PipelineCache:
         self._handles: dict[str, ModelHandle] = {}
 
     def open(self, cfg: dict[str, Any], root: Path, store: Store, scheduler: str) -> ModelHandle:
-        location = locate_model(cfg, root)
         device = resolve_device(cfg.get("device", "auto"))
-        dtype = resolve_dtype(cfg.get("dtype", "float32"), device)
+        dtype = resolve_dtype(cfg.get("dtype") or "float32", device)  # bad knobs fail before any download
+        options = PipelineOptions.from_config(cfg)
+        location = locate_model(cfg, root)
         sha = weights_sha256(location.folder, store, cfg.get("variant"))
-        cache_key = f"{sha}:{device}:{dtype}:{cfg.get('pipeline_class')}:{cfg.get('safety_checker')}"
+        cache_key = f"{sha}:{device}:{dtype}:{cfg.get('pipeline_class')}:{cfg.get('safety_checker')}:{options}"
         handle = self._handles.get(cache_key)
         if handle is None:
-            handle = ModelHandle(cfg, location, sha, device, dtype, scheduler)
+            handle = ModelHandle(cfg, location, sha, device, dtype, scheduler, options)
             self._handles[cache_key] = handle
         elif handle.loaded:
             set_scheduler(handle.pipe, scheduler)

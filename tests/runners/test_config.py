@@ -52,7 +52,7 @@ def test_real_concepts_select_sd14_unless_a_model_is_given():
     assert compose_config(["concept=nudity", "model=sd15"])["model"]["name"] == "sd15"
     assert compose_config(["model=sd15", "concept=violence"])["model"]["name"] == "sd15"
     sd14 = compose_config(["concept=nudity"])["model"]
-    assert sd14["path"] == "CompVis/stable-diffusion-v1-4" and sd14["dtype"] == "float16"
+    assert sd14["path"] == "CompVis/stable-diffusion-v1-4" and sd14["dtype"] == "auto"
     assert sd14["generation"] == {**sd14["generation"], "scheduler": "ddim", "steps": 50, "guidance": 7.5,
                                   "height": 512, "seed": 42}
 

@@ -1,4 +1,5 @@
-"""The real-path loader: local folders, hub ids that cannot be reached, weight hashing, scheduler swaps."""
+"""The real-path loader: local folders, hub ids that cannot be reached, weight hashing, scheduler swaps, and the
+hardware knobs (dtype, attention, compile, VAE slicing) with which of them enter the keys."""
 
 from __future__ import annotations
 
@@ -6,14 +7,18 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 
-from runners.generate import ImageMaker, base_system
+from crt_bench.spec import HarnessError
+from runners.generate import ImageMaker, ImageRequest, base_system
 from runners.models import (
     ModelUnavailable,
     PipelineCache,
+    PipelineOptions,
     locate_model,
     pipeline_files,
     resolve_dtype,
@@ -21,20 +26,22 @@ from runners.models import (
     weights_sha256,
 )
 from runners.spec import GenerationSettings, PromptItem
-from runners.store import Store
+from runners.store import Store, key_of
 from tests.runners.conftest import compose_config
 
+BATCH_EFFECT_LEVELS = 2  # the bound tests/runners/test_generate.py sets on pixels across batch sizes
 
-def _model_cfg(folder: Path) -> dict:
+
+def _model_cfg(folder: Path, **knobs) -> dict:
     cfg = compose_config(["model=sd14"])["model"]
-    cfg.update(path=str(folder), dtype="float16")
+    cfg.update(path=str(folder), **knobs)
     return cfg
 
 
 def test_sd14_shaped_pipeline_loads_from_a_local_folder_and_generates_one_image(sd14_shaped_folder, tmp_path):
     store = Store(tmp_path / "store")
     handle = PipelineCache().open(_model_cfg(sd14_shaped_folder), tmp_path, store, "ddim")
-    assert handle.location.source == "local" and handle.dtype == torch.float32  # fp16 config on CPU -> fp32
+    assert handle.location.source == "local" and handle.dtype == torch.float32  # dtype auto on a CPU -> fp32
     assert type(handle.pipe).__name__ == "StableDiffusionPipeline"
     assert handle.pipe.safety_checker is None
     assert type(handle.pipe.scheduler).__name__ == "DDIMScheduler"
@@ -106,6 +113,88 @@ def test_scheduler_swap_keeps_the_noise_schedule(sd14_shaped_folder, tmp_path):
     assert type(handle.pipe.scheduler).__name__ == "DDIMScheduler"
 
 
-def test_cpu_never_computes_in_half_precision():
-    assert resolve_dtype("float16", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("float16", torch.device("cuda")) == torch.float16
+def test_dtype_auto_is_half_on_cuda_only_and_fp16_on_a_cpu_is_refused_in_one_line(caplog):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype("auto", cpu) == torch.float32 and resolve_dtype("auto", cuda) == torch.float16
+    assert resolve_dtype("float16", cuda) == torch.float16 and resolve_dtype("float32", cuda) == torch.float32
+    with pytest.raises(HarnessError, match="model.dtype=auto") as error:
+        resolve_dtype("float16", cpu)
+    assert "\n" not in str(error.value) and "model.dtype=float16" in str(error.value)
+    with caplog.at_level("WARNING", logger="runners.models"):
+        assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert "slow" in caplog.text
+    with pytest.raises(HarnessError, match="float64"):
+        resolve_dtype("float64", cpu)
+
+
+@pytest.mark.parametrize(("knob", "value"), [("attention", "flash"), ("compile", "yes"), ("vae_slicing", 2),
+                                             ("dtype", "float16")])
+def test_a_bad_knob_fails_in_one_line_before_the_model_is_looked_for(knob, value, tmp_path):
+    cfg = {"name": "sd14", "path": str(tmp_path / "absent"), "device": "cpu", knob: value}
+    with pytest.raises(HarnessError, match=f"model.{knob}=") as error:
+        PipelineCache().open(cfg, tmp_path, Store(tmp_path / "s"), "ddim")
+    assert "\n" not in str(error.value) and not isinstance(error.value, ModelUnavailable)
+
+
+def _processors(module: torch.nn.Module) -> set[type]:
+    return {type(p) for p in module.attn_processors.values()}
+
+
+def test_defaults_keep_sdpa_no_slicing_no_compile(sd14_shaped_folder, tmp_path):
+    handle = PipelineCache().open(_model_cfg(sd14_shaped_folder), tmp_path, Store(tmp_path / "s"), "ddim")
+    assert handle.options == PipelineOptions()
+    pipe = handle.pipe
+    assert _processors(pipe.unet) == {AttnProcessor2_0} and _processors(pipe.vae) == {AttnProcessor2_0}
+    assert pipe.vae.use_slicing is False and pipe.unet._compiled_call_impl is None
+    assert pipe.unet.dtype == torch.float32
+
+
+def test_each_knob_is_applied_through_diffusers_and_torch(sd14_shaped_folder, tmp_path):
+    reference = PipelineCache().open(_model_cfg(sd14_shaped_folder), tmp_path, Store(tmp_path / "s"), "ddim").pipe
+    cfg = _model_cfg(sd14_shaped_folder, dtype="bfloat16", attention="eager", compile=True, vae_slicing=True)
+    pipe = PipelineCache().open(cfg, tmp_path, Store(tmp_path / "s"), "ddim").pipe
+    assert _processors(pipe.unet) == {AttnProcessor} and _processors(pipe.vae) == {AttnProcessor}
+    assert pipe.vae.use_slicing is True
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
+    # compiled in place (compiles on its first call, never made here): the module, its names and keys are unchanged
+    assert pipe.unet._compiled_call_impl is not None and type(pipe.unet).__name__ == "UNet2DConditionModel"
+    assert list(pipe.unet.state_dict()) == list(reference.unet.state_dict())
+
+
+def _keys_and_pixels(folder: Path, tmp_path: Path, **knobs) -> tuple[list[str], list[np.ndarray], dict]:
+    store = Store(tmp_path / "store")
+    cfg = {"name": "sd14-shaped", "path": str(folder), "dtype": "float32", "device": "cpu", **knobs}
+    handle = PipelineCache().open(cfg, tmp_path, store, "ddim")
+    settings = GenerationSettings(steps=2, guidance=7.5, height=64, width=64, scheduler="ddim", batch_size=2)
+    maker = ImageMaker(store, handle, settings, progress=False)
+    requests = [ImageRequest(PromptItem("a red circle", 1)), ImageRequest(PromptItem("a blue square", 2))]
+    system = base_system(handle)
+    keys = [key_of(maker.image_spec(system, r)) for r in requests]
+    images = maker.sample(system.defended.pipe, requests, 7.5, "")
+    return keys, [np.asarray(image, dtype=int) for image in images], handle.description
+
+
+def test_keys_change_exactly_when_pixels_can_change(sd14_shaped_folder, tmp_path):
+    keys, pixels, _ = _keys_and_pixels(sd14_shaped_folder, tmp_path)
+    for knobs in ({"attention": "eager"}, {"vae_slicing": True}):
+        other_keys, other_pixels, description = _keys_and_pixels(sd14_shaped_folder, tmp_path, **knobs)
+        assert other_keys == keys  # not keyed: the same function in another order of operations ...
+        worst = max(int(np.abs(a - b).max()) for a, b in zip(pixels, other_pixels))
+        assert worst <= BATCH_EFFECT_LEVELS  # ... moving pixels no more than the (unkeyed) batch size does
+        assert all(description[k] == v for k, v in knobs.items())  # but recorded in the results' provenance
+    bf16_keys, bf16_pixels, description = _keys_and_pixels(sd14_shaped_folder, tmp_path, dtype="bfloat16")
+    assert description["dtype"] == "bfloat16" and not set(bf16_keys) & set(keys)
+    assert max(int(np.abs(a - b).max()) for a, b in zip(pixels, bf16_pixels)) > BATCH_EFFECT_LEVELS
+    compiled = PipelineCache().open({"name": "x", "path": str(sd14_shaped_folder), "device": "cpu", "compile": True},
+                                    tmp_path, Store(tmp_path / "store"), "ddim")
+    plain = PipelineCache().open({"name": "x", "path": str(sd14_shaped_folder), "device": "cpu"},
+                                 tmp_path, Store(tmp_path / "store"), "ddim")
+    assert compiled.identity == plain.identity and compiled.description["compile"] is True
+
+
+def test_one_process_keeps_one_pipeline_per_set_of_knobs(sd14_shaped_folder, tmp_path):
+    cache, store = PipelineCache(), Store(tmp_path / "s")
+    plain = cache.open(_model_cfg(sd14_shaped_folder), tmp_path, store, "ddim")
+    assert cache.open(_model_cfg(sd14_shaped_folder), tmp_path, store, "ddim") is plain
+    sliced = cache.open(_model_cfg(sd14_shaped_folder, vae_slicing=True), tmp_path, store, "ddim")
+    assert sliced is not plain and sliced.options.vae_slicing and not plain.options.vae_slicing
