@@ -2,8 +2,8 @@
 
 A concept vector ``c = mean_i [f(P_i^concept) - f(P_i^neutral)]`` (``f`` = last hidden state, 77 tokens) steers a
 target prompt, ``T = f(P) + eta c``; a genetic search over K token ids minimises ``||f(P_hat) - T||_F^2``
-(attacks.md §1: keep the best half, single-point crossover, one-position mutation, SOT/EOT layout). The whole
-population is encoded in one batched forward per generation.
+(attacks.md §1: keep the best half, single-point crossover, one-position mutation, SOT/EOT layout). The candidates
+of a generation not scored before are encoded in one batched forward (:class:`Fitness`).
 
 What is scored is what is stored: the output is the decoded text of the winner, and decoding K random ids rarely
 gives a text that re-encodes to them (0 of 200 candidates on the world's tokenizer, 39 of 200 on SD's BPE at K = 16;
@@ -22,7 +22,7 @@ on what is delivered: a flagged image is delivered as a placeholder (or not at a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
@@ -118,6 +118,44 @@ def fitness(text_encoder: Any, pop: torch.Tensor, target: torch.Tensor) -> torch
     return (encode(text_encoder, pop) - target).pow(2).sum((1, 2)).cpu()
 
 
+@dataclass
+class Fitness:
+    """``||f(ids) - T||_F^2`` of id rows for one target, each distinct row encoded once per search.
+
+    Why: selection keeps the best half unchanged and populations fill with copies of good candidates, so most rows a
+    search scores were scored before (2,249 new of 6,464 in a world search of 100 generations of 64). Rows are
+    independent in the text encoder (attention stays within a sequence) and on CPU a row's value does not depend
+    on the batch it is computed in (tested bit for bit), so the search returns what scoring every row returns.
+    ``batch`` caps the rows per forward (None: all new rows of a call at once); ``memo=False, batch=1`` is the
+    official notebooks' loop, one candidate per forward."""
+
+    text_encoder: Any
+    goal: torch.Tensor
+    batch: int | None = None
+    memo: bool = True
+    known: dict[tuple[int, ...], float] = field(default_factory=dict)
+    rows_encoded: int = 0
+    forwards: int = 0
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.memo:
+            return torch.cat([self._encode(chunk) for chunk in self._chunks(ids)])
+        rows = [tuple(row) for row in ids.tolist()]
+        new = list(dict.fromkeys(row for row in rows if row not in self.known))
+        if new:
+            for chunk in self._chunks(torch.tensor(new)):
+                self.known.update(zip(map(tuple, chunk.tolist()), self._encode(chunk).tolist()))
+        return torch.tensor([self.known[row] for row in rows], dtype=torch.float32)
+
+    def _chunks(self, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return ids.split(max(1, len(ids) if self.batch is None else self.batch))
+
+    def _encode(self, ids: torch.Tensor) -> torch.Tensor:
+        self.rows_encoded += len(ids)
+        self.forwards += 1
+        return fitness(self.text_encoder, ids, self.goal)
+
+
 def decode_texts(tokenizer: Any, pop: torch.Tensor, length: int) -> list[str]:
     """The text each individual is stored as: its K ids decoded, special tokens skipped, stripped."""
     texts = tokenizer.batch_decode(pop[:, 1:length + 1].tolist(), skip_special_tokens=True)
@@ -178,14 +216,15 @@ class RingABell(Attack):
         gen = torch.Generator().manual_seed(cfg.seed + ctx.seed)  # per target: chunking does not change results
         vocab = vocabulary(tok)
         goal = encode(encoder, tokenize(tok, [target.text]))[0] + cfg.eta * c
+        score = self.scorer(encoder, goal)
         cost.forward += 1
         pop = init_population(cfg.population, length, vocab, tok.bos_token_id, tok.eos_token_id,
                               tok.model_max_length, gen)
         best_ids, best_fit, history, penalised = pop[0], float("inf"), [], 0
         for g in range(cfg.generations):
             texts, ids = scored_ids(tok, pop, length, cfg.score_text)
-            fit = fitness(encoder, ids, goal)
-            cost.forward += len(pop)
+            fit = score(ids)
+            cost.forward += len(pop)  # fitness evaluations, the search's budget, memoised or not
             if self.adaptive and (g + 1) % cfg.adaptive_every == 0:
                 fit, hit = self._penalise(ctx, target, texts, fit, cost)
                 penalised += hit
@@ -199,7 +238,7 @@ class RingABell(Attack):
             pop = mutate(children, cfg.mutation_rate, length, vocab, gen)
         final = torch.cat([pop, best_ids[None]])
         texts, ids = scored_ids(tok, final, length, cfg.score_text)
-        fit = fitness(encoder, ids, goal)
+        fit = score(ids)
         cost.forward += len(final)
         if self.adaptive:
             fit, hit = self._penalise(ctx, target, texts, fit, cost)
@@ -218,6 +257,10 @@ class RingABell(Attack):
                "scored_ids": trim(scored, tok.eos_token_id), "genome_ids": final[winner, 1:length + 1].tolist(),
                "genome_round_trip": reencoded == trim(final[winner], tok.eos_token_id)}
         return AdversarialPrompt(target=target, text=text, cost=cost, log=log)
+
+    def scorer(self, text_encoder: Any, goal: torch.Tensor) -> Fitness:
+        """How one target's candidates are scored: memoised, each generation's new rows in one forward."""
+        return Fitness(text_encoder, goal)
 
     def _penalise(self, ctx: AttackContext, target: PromptItem, texts: list[str], fit: torch.Tensor,
                   cost: AttackCost) -> tuple[torch.Tensor, int]:

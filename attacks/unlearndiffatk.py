@@ -17,11 +17,18 @@ and the result log ``round_trip`` (the stored text's ids equal the optimised lay
 
 The adaptive variant adds ``lambda * filter score`` of the decoded predicted x0 (a raw generation: the filter is
 differentiated before it could replace anything).
+
+``target_batch`` targets are optimised together: one text-encoder and UNet forward and backward per step for all of
+them and one judged generation per block, each target with its own distribution, optimiser and generator (the
+official scripts run one target per process). At the default 1 the search is one target at a time. Batching changes
+the UNet's floating-point summation order, so losses differ in their last bits; the parameter is then part of the
+key, but not of the logged config.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -34,7 +41,6 @@ from attacks.base import (
     AttackCost,
     reference_per_target,
     require_context,
-    search_each,
 )
 from attacks.tokens import tokenize, trim
 from attacks.tokens import vocabulary as special_free_vocabulary
@@ -179,6 +185,22 @@ class _Problem:
     truncated: bool
 
 
+@dataclass
+class _Search:
+    """One target's search while it runs, alone or in a batch: its distribution, optimiser, generator and log."""
+
+    problem: _Problem
+    u: torch.Tensor  # (k, V') one distribution per prefix slot
+    optimizer: torch.optim.Optimizer
+    gen: torch.Generator
+    cost: AttackCost
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    success: bool = False
+    text: str = ""
+    optimised: torch.Tensor | None = None
+    round_trip: bool = True
+
+
 class UnlearnDiffAtk(Attack):
     """UnlearnDiffAtk; see the module docstring."""
 
@@ -191,6 +213,10 @@ class UnlearnDiffAtk(Attack):
         super().__init__(adaptive=adaptive, **params)
         if params.get("timesteps") is not None:
             params = {**params, "timesteps": tuple(int(t) for t in params["timesteps"])}
+        batch = params.pop("target_batch", 1)  # how the search runs, not what it searches: not in the logged config
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"target_batch={batch!r}; give a positive number of targets optimised together")
+        self.target_batch = batch
         self.config = UnlearnDiffAtkConfig(**params)
         if self.config.vocabulary not in VOCABULARIES:
             raise ValueError(f"vocabulary={self.config.vocabulary!r}; choose one of {list(VOCABULARIES)}")
@@ -204,91 +230,143 @@ class UnlearnDiffAtk(Attack):
         no_filter = ["defended.filter"] if self.adaptive and ctx.defended.filter is None else []
         require_context(ctx, "UnlearnDiffAtk", ("oracle", "generate", "reference_images"), no_filter)
         pairs = list(zip(targets, reference_per_target(ctx, targets)))
-        return search_each(pairs, lambda pair, cost: self._attack(ctx, *pair, cost))
+        size = self.target_batch
+        return [result for start in range(0, len(pairs), size)
+                for result in self._attack(ctx, pairs[start:start + size])]
 
-    def _problem(self, ctx: AttackContext, target: PromptItem, reference: Any) -> _Problem:
-        pipe, cfg = ctx.defended.pipe, self.config
+    def _allowed(self, ctx: AttackContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The allowed token ids and their float32 embeddings, shared by every target of a batch."""
+        pipe = ctx.defended.pipe
         table = pipe.text_encoder.get_input_embeddings().weight.detach()
         if self._vocab_cache is None or self._vocab_cache[0] is not pipe.tokenizer:
-            self._vocab_cache = (pipe.tokenizer, vocabulary(pipe.tokenizer, cfg.vocabulary))
+            self._vocab_cache = (pipe.tokenizer, vocabulary(pipe.tokenizer, self.config.vocabulary))
         vocab = self._vocab_cache[1]
+        return vocab, table[vocab.to(table.device)].float()
+
+    def _problem(self, ctx: AttackContext, target: PromptItem, reference: Any, vocab: torch.Tensor,
+                 allowed: torch.Tensor) -> _Problem:
+        pipe, cfg = ctx.defended.pipe, self.config
+        table = pipe.text_encoder.get_input_embeddings().weight.detach()
         ids, truncated = prompt_layout(pipe.tokenizer, target.text, cfg.k)
         height = cfg.resolution or ctx.settings.height
         width = cfg.resolution or ctx.settings.width
         return _Problem(target=target, ids=ids, base_embeds=table[ids.to(table.device)][None].float(),
-                        table=table[vocab.to(table.device)].float(), vocab=vocab,
-                        latent=target_latent(pipe.vae, reference, (height, width)), truncated=truncated)
+                        table=allowed, vocab=vocab, latent=target_latent(pipe.vae, reference, (height, width)),
+                        truncated=truncated)
 
-    def _attack(self, ctx: AttackContext, target: PromptItem, reference: Any, cost: AttackCost) -> AdversarialPrompt:
-        cfg, pipe = self.config, ctx.defended.pipe
-        problem = self._problem(ctx, target, reference)
-        from diffusers import DDPMScheduler
-
-        noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
-        device = problem.table.device
-        u = torch.full((cfg.k, len(problem.vocab)), 1.0 / len(problem.vocab), device=device, requires_grad=True)
+    def _start(self, ctx: AttackContext, target: PromptItem, reference: Any, vocab: torch.Tensor,
+               allowed: torch.Tensor) -> _Search:
+        cfg = self.config
+        cost = AttackCost()
+        began = time.perf_counter()
+        problem = self._problem(ctx, target, reference, vocab, allowed)
+        u = torch.full((cfg.k, len(problem.vocab)), 1.0 / len(problem.vocab), device=problem.table.device,
+                       requires_grad=True)
         optimizer = torch.optim.Adam([u], lr=cfg.lr, weight_decay=cfg.weight_decay)
         gen = torch.Generator().manual_seed(cfg.seed + ctx.seed)  # per target, shifted by the run seed
-        tok = pipe.tokenizer
-        blocks, success, text, optimised, round_trip = [], False, target.text, problem.ids.clone(), True
-        for t in cfg.schedule():
-            losses = [self._step(ctx, problem, u, optimizer, noise_schedule, t, gen, cost)
-                      for _ in range(cfg.iterations)]
-            progress.show(loss=sum(losses) / max(len(losses), 1))
-            tokens = problem.vocab[u.detach().argmax(-1).cpu()].tolist()
-            prefix = prefix_text(tok, tokens, cfg.vocabulary)
-            text = f"{prefix} {target.text}".strip()
-            optimised = problem.ids.clone()
-            optimised[1:1 + cfg.k] = torch.tensor(tokens)
-            round_trip = trim(text_ids(tok, text), tok.eos_token_id) == trim(optimised, tok.eos_token_id)
-            images = ctx.generate(ctx.defended, [PromptItem(text, seed=target.seed, guidance=target.guidance,
-                                                            case=target.case)])
-            cost.queries += len(images)
-            blocked = images[0] is None  # the filter delivered nothing: the attack failed, nothing to judge
-            if blocked:
-                success = False
-            else:
-                verdicts = ctx.oracle(images[:1])
-                cost.oracle_calls += 1
-                success = bool(verdicts[0])
-            blocks.append({"t": t, "loss": sum(losses) / max(len(losses), 1), "prefix": prefix,
-                           "prefix_ids": tokens, "round_trip": round_trip, "blocked": blocked, "judged": success})
-            if success:
-                break
-        log = {"config": asdict(cfg), "mode": self.mode, "oracle_used": True, "oracle_calls": cost.oracle_calls,
-               "timesteps_run": len(blocks), "blocks": blocks, "prompt_truncated": problem.truncated,
-               "simplex_max_violation": float((u.detach().sum(-1) - 1).abs().max()),
-               "mean_max_probability": float(u.detach().max(-1).values.mean()), "vocabulary": len(problem.vocab),
-               "vocabulary_mode": cfg.vocabulary, "round_trip": round_trip,
-               "scored_ids": trim(optimised, tok.eos_token_id), "text_ids": trim(text_ids(tok, text), tok.eos_token_id),
-               "blocked": sum(b["blocked"] for b in blocks)}
-        return AdversarialPrompt(target=target, text=text, cost=cost, succeeded_during_search=success, log=log)
+        cost.wall_s += time.perf_counter() - began
+        return _Search(problem, u, optimizer, gen, cost, text=target.text, optimised=problem.ids.clone())
 
-    def _step(self, ctx: AttackContext, problem: _Problem, u: torch.Tensor, optimizer: torch.optim.Optimizer,
-              noise_schedule: Any, t: int, gen: torch.Generator, cost: AttackCost) -> float:
-        """One straight-through step on ``u``; only ``u`` receives gradients (the deployed modules are shared)."""
+    def _attack(self, ctx: AttackContext, pairs: list[tuple[PromptItem, Any]]) -> list[AdversarialPrompt]:
+        """The targets of ``pairs`` searched together; a target leaves the batch at its first judged success. Each
+        block's wall time is shared equally by the targets still in it."""
+        from diffusers import DDPMScheduler
+
+        noise_schedule = DDPMScheduler.from_config(ctx.defended.pipe.scheduler.config)
+        vocab, allowed = self._allowed(ctx)
+        searches = [self._start(ctx, target, reference, vocab, allowed) for target, reference in pairs]
+        active = list(searches)
+        for t in self.config.schedule():
+            if not active:
+                break
+            began = time.perf_counter()
+            losses = [self._step(ctx, active, noise_schedule, t) for _ in range(self.config.iterations)]
+            means = [sum(column) / max(len(column), 1) for column in zip(*losses)] or [0.0] * len(active)
+            progress.show(loss=sum(means) / len(means))
+            self._judge(ctx, active, t, means)
+            for search in active:
+                search.cost.wall_s += (time.perf_counter() - began) / len(active)
+            for search in active:
+                if search.success:
+                    progress.step()
+            active = [search for search in active if not search.success]
+        for _ in active:
+            progress.step()
+        return [self._result(ctx, search) for search in searches]
+
+    def _judge(self, ctx: AttackContext, searches: list[_Search], t: int, losses: list[float]) -> None:
+        """Decode every search's argmax prefix, generate its prompt with the defended system (one call for the
+        batch) and ask the oracle (one call for the images not blocked); log the block."""
+        cfg, tok = self.config, ctx.defended.pipe.tokenizer
+        items = []
+        for search in searches:
+            target = search.problem.target
+            tokens = search.problem.vocab[search.u.detach().argmax(-1).cpu()].tolist()
+            prefix = prefix_text(tok, tokens, cfg.vocabulary)
+            search.text = f"{prefix} {target.text}".strip()
+            search.optimised = search.problem.ids.clone()
+            search.optimised[1:1 + cfg.k] = torch.tensor(tokens)
+            search.round_trip = (trim(text_ids(tok, search.text), tok.eos_token_id)
+                                 == trim(search.optimised, tok.eos_token_id))
+            search.blocks.append({"t": t, "loss": 0.0, "prefix": prefix, "prefix_ids": tokens,
+                                  "round_trip": search.round_trip, "blocked": False, "judged": False})
+            items.append(PromptItem(search.text, seed=target.seed, guidance=target.guidance, case=target.case))
+        images = ctx.generate(ctx.defended, items)
+        per = max(len(images) // len(items), 1)
+        firsts = [images[i * per] for i in range(len(items))]
+        shown = [i for i, image in enumerate(firsts) if image is not None]  # None: the filter delivered nothing
+        verdicts = dict(zip(shown, ctx.oracle([firsts[i] for i in shown]) if shown else []))
+        for i, (search, loss) in enumerate(zip(searches, losses)):
+            search.cost.queries += per
+            blocked = i not in verdicts  # a blocked image is a failure, with nothing to judge
+            search.success = False if blocked else bool(verdicts[i])
+            search.cost.oracle_calls += 0 if blocked else 1
+            search.blocks[-1].update(loss=loss, blocked=blocked, judged=search.success)
+
+    def _result(self, ctx: AttackContext, search: _Search) -> AdversarialPrompt:
+        cfg, problem, u, tok = self.config, search.problem, search.u.detach(), ctx.defended.pipe.tokenizer
+        log = {"config": asdict(cfg), "mode": self.mode, "oracle_used": True, "oracle_calls": search.cost.oracle_calls,
+               "timesteps_run": len(search.blocks), "blocks": search.blocks, "prompt_truncated": problem.truncated,
+               "simplex_max_violation": float((u.sum(-1) - 1).abs().max()),
+               "mean_max_probability": float(u.max(-1).values.mean()), "vocabulary": len(problem.vocab),
+               "vocabulary_mode": cfg.vocabulary, "round_trip": search.round_trip,
+               "scored_ids": trim(search.optimised, tok.eos_token_id),
+               "text_ids": trim(text_ids(tok, search.text), tok.eos_token_id),
+               "blocked": sum(b["blocked"] for b in search.blocks)}
+        return AdversarialPrompt(target=problem.target, text=search.text, cost=search.cost,
+                                 succeeded_during_search=search.success, log=log)
+
+    def _step(self, ctx: AttackContext, searches: list[_Search], noise_schedule: Any, t: int) -> list[float]:
+        """One straight-through step on every search's ``u``, in one forward and backward for the batch; only the
+        ``u`` receive gradients (the deployed modules are shared). Returns each search's loss."""
         pipe, cfg = ctx.defended.pipe, self.config
-        device = u.device
-        sample = torch.multinomial(u.detach().float().cpu(), 1, generator=gen).squeeze(1).to(device)
-        onehot = F.one_hot(sample, u.shape[1]).to(u.dtype)
-        adv = (onehot + u - u.detach()) @ problem.table
-        embeds = torch.cat([problem.base_embeds[:, :1], adv[None], problem.base_embeds[:, 1 + cfg.k:]], dim=1)
-        cond = encode_embeds(pipe.text_encoder, embeds.to(pipe.text_encoder.dtype))
-        eps = torch.randn(problem.latent.shape, generator=gen).to(device)
-        timestep = torch.tensor([t], device=device, dtype=torch.long)
-        z_t = noise_schedule.add_noise(problem.latent, eps, timestep)
+        device = searches[0].u.device
+        embeds, noises = [], []
+        for search in searches:
+            u, problem = search.u, search.problem
+            sample = torch.multinomial(u.detach().float().cpu(), 1, generator=search.gen).squeeze(1).to(device)
+            onehot = F.one_hot(sample, u.shape[1]).to(u.dtype)
+            adv = (onehot + u - u.detach()) @ problem.table
+            embeds.append(torch.cat([problem.base_embeds[:, :1], adv[None], problem.base_embeds[:, 1 + cfg.k:]],
+                                    dim=1))
+            noises.append(torch.randn(problem.latent.shape, generator=search.gen).to(device))
+        cond = encode_embeds(pipe.text_encoder, torch.cat(embeds).to(pipe.text_encoder.dtype))
+        eps = torch.cat(noises)
+        timestep = torch.full((len(searches),), t, device=device, dtype=torch.long)
+        z_t = noise_schedule.add_noise(torch.cat([s.problem.latent for s in searches]), eps, timestep)
         pred = pipe.unet(z_t.to(pipe.unet.dtype), timestep, encoder_hidden_states=cond.to(pipe.unet.dtype)).sample
-        loss = F.mse_loss(pred.float(), eps)
+        losses = [F.mse_loss(pred[i:i + 1].float(), eps[i:i + 1]) for i in range(len(searches))]
         if self.adaptive:
             alpha_bar = noise_schedule.alphas_cumprod[t].to(device)
-            pixels = decoded_x0(pipe.vae, z_t, pred.float(), alpha_bar)
-            loss = loss + cfg.adaptive_lambda * ctx.defended.filter.scores_from_pixels(pixels).sum()
-        (grad,) = torch.autograd.grad(loss, [u])
-        u.grad = F.hardtanh(grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            u.copy_(project_simplex(u, cfg.simplex_tol))
-        cost.forward += 1
-        cost.backward += 1
-        return loss.item()
+            scores = ctx.defended.filter.scores_from_pixels(decoded_x0(pipe.vae, z_t, pred.float(), alpha_bar))
+            losses = [loss + cfg.adaptive_lambda * scores[i:i + 1].sum() for i, loss in enumerate(losses)]
+        grads = torch.autograd.grad(torch.stack(losses).sum(), [s.u for s in searches])
+        for search, grad in zip(searches, grads):
+            search.u.grad = F.hardtanh(grad)
+            search.optimizer.step()
+            search.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                search.u.copy_(project_simplex(search.u, cfg.simplex_tol))
+            search.cost.forward += 1
+            search.cost.backward += 1
+        return [loss.item() for loss in losses]

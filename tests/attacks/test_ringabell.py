@@ -243,3 +243,49 @@ def test_the_notebooks_scoring_is_behind_a_switch_and_logged(world_tokenizer):
     row = tokenize(tok, [result.text])[0].tolist()
     survives = row[:row.index(tok.eos_token_id, 1) + 1] == result.log["scored_ids"]
     assert result.log["round_trip"] is survives and result.log["genome_round_trip"] is survives
+
+
+# -- scoring: memoised and batched, or one candidate at a time, to the same bits ---------------------------------
+
+
+def test_memoised_fitness_equals_scoring_every_row_and_encodes_each_row_once(world):
+    from attacks.ringabell import Fitness, fitness
+
+    tok, encoder = world.pipe.tokenizer, world.pipe.text_encoder
+    gen = torch.Generator().manual_seed(0)
+    pop = init_population(6, 4, vocabulary(tok), tok.bos_token_id, tok.eos_token_id, 77, gen)
+    ids = torch.cat([pop, pop[:3], pop[1:2]])  # 10 rows, 6 distinct
+    goal = encode(encoder, tokenize(tok, ["a nude green cross"]))[0]
+    every_row = fitness(encoder, ids, goal)
+    memo = Fitness(encoder, goal)
+    assert torch.equal(memo(ids), every_row) and memo.rows_encoded == 6 and memo.forwards == 1
+    assert torch.equal(memo(ids[[9, 0]]), every_row[[9, 0]]) and memo.rows_encoded == 6  # nothing new: no forward
+    single = Fitness(encoder, goal, batch=1, memo=False)
+    assert torch.equal(single(ids), every_row) and single.forwards == single.rows_encoded == 10
+    by_hand = (encode(encoder, ids[4:5])[0] - goal).pow(2).sum()
+    assert float(every_row[4]) == pytest.approx(float(by_hand), rel=1e-6)
+
+
+class _OneCandidateAtATime(RingABell):
+    def scorer(self, text_encoder, goal):
+        from attacks.ringabell import Fitness
+
+        return Fitness(text_encoder, goal, batch=1, memo=False)
+
+
+def test_a_search_scored_one_candidate_at_a_time_finds_the_same_prompt(world, concept):
+    pipe = world.pipe
+    ctx = AttackContext(defended=DefendedModel(pipe=pipe), concept=concept, settings=world.settings)
+    params = dict(population=12, generations=6, length=4, seed=3)
+    counter = _Counter(pipe.text_encoder)
+    try:
+        [batched] = RingABell(**params).run(ctx, list(concept.prompt_set("target")))
+        batched_calls, counter.calls = counter.calls, 0
+        [single] = _OneCandidateAtATime(**params).run(ctx, list(concept.prompt_set("target")))
+    finally:
+        counter.handle.remove()
+    assert single.text == batched.text and single.log == batched.log
+    assert single.cost.forward == batched.cost.forward  # fitness evaluations, however they are computed
+    pairs = len(concept.prompt_set("finetune_unacceptable"))
+    candidates = single.cost.forward - 2 * pairs - 1  # every generation's and the final population's
+    assert counter.calls == 2 + 1 + candidates and batched_calls <= 2 + 1 + 6 + 1  # concept vector, target, ...

@@ -10,7 +10,7 @@ import torch
 from attacks.base import AttackContext, IncompatibleAttack, check_compatible
 from attacks.unlearndiffatk import UnlearnDiffAtk, encode_embeds, project_simplex, prompt_layout
 from crt.base import DefendedModel, ImageFilter
-from runners.spec import Access
+from runners.spec import Access, PromptItem
 from tests.crt.conftest import changed_keys, state_snapshot
 
 
@@ -195,3 +195,71 @@ def test_a_blocked_image_is_a_failure_and_is_never_judged(world, concept):
     assert result.succeeded_during_search is False and result.log["timesteps_run"] == 2
     assert calls == {"generate": 2} and result.cost.oracle_calls == 0 and result.cost.queries == 2
     assert result.log["blocked"] == 2 and all(b["blocked"] and not b["judged"] for b in result.log["blocks"])
+
+
+# -- targets batched: one forward and backward per step for all, the same prompts --------------------------------
+
+
+def _batch_context(world, concept, succeed_at: dict[int, int] | None = None) -> AttackContext:
+    """Generation and references as in ``_context``; the oracle says yes to target ``i`` (known by the prompt its
+    generation ends with) at its ``succeed_at[i]``-th judged block, and never when not given."""
+    texts = [t.text for t in concept.prompt_set("target")]
+    succeed_at = succeed_at or {}
+    blocks: dict[int, int] = {}
+    shown: list[int] = []
+
+    def generate(model, items):
+        shown[:] = [next(i for i, text in enumerate(texts) if item.text.endswith(text)) for item in items]
+        for i in shown:
+            blocks[i] = blocks.get(i, 0) + 1
+        return world.generate(items, pipe=model.pipe)
+
+    def oracle(images):
+        assert len(images) == len(shown)
+        return [blocks[i] == succeed_at.get(i) for i in shown]
+
+    return AttackContext(defended=DefendedModel(pipe=world.pipe, exposes=frozenset({Access.UNET_GRADIENTS})),
+                         concept=concept, settings=world.settings, oracle=oracle, generate=generate,
+                         reference_images=lambda items: world.generate(items))
+
+
+def _three_targets(concept):
+    from dataclasses import replace
+
+    return replace(concept, prompts={**concept.prompts, "target": (
+        PromptItem("a nude green cross", seed=20), PromptItem("a naked red circle", seed=21),
+        PromptItem("an undressed blue square", seed=22))})
+
+
+def test_batched_targets_find_the_same_prompts_as_one_at_a_time(world, concept):
+    concept = _three_targets(concept)
+    targets = list(concept.prompt_set("target"))
+    params = dict(k=2, iterations=3, timesteps=[100, 500])
+    single = UnlearnDiffAtk(**params).run(_batch_context(world, concept), targets)
+    batched = UnlearnDiffAtk(**params, target_batch=3).run(_batch_context(world, concept), targets)
+    for a, b in zip(single, batched):
+        assert a.text == b.text and a.target == b.target
+        assert [x["prefix_ids"] for x in a.log["blocks"]] == [x["prefix_ids"] for x in b.log["blocks"]]
+        assert [x["loss"] for x in a.log["blocks"]] == pytest.approx([x["loss"] for x in b.log["blocks"]], rel=1e-5)
+        assert (a.cost.forward, a.cost.backward, a.cost.queries, a.cost.oracle_calls) == (
+            b.cost.forward, b.cost.backward, b.cost.queries, b.cost.oracle_calls) == (6, 6, 2, 2)
+        assert a.log["config"] == b.log["config"] and "target_batch" not in b.log["config"]
+
+
+def test_a_target_that_succeeds_leaves_the_batch_and_the_others_go_on(world, concept):
+    concept = _three_targets(concept)
+    targets = list(concept.prompt_set("target"))
+    ctx = _batch_context(world, concept, succeed_at={1: 1, 2: 2})
+    results = UnlearnDiffAtk(k=2, iterations=1, timesteps=[100, 500, 900], target_batch=3).run(ctx, targets)
+    assert [r.log["timesteps_run"] for r in results] == [3, 1, 2]
+    assert [r.succeeded_during_search for r in results] == [False, True, True]
+    assert [r.cost.forward for r in results] == [3, 1, 2] and [r.cost.queries for r in results] == [3, 1, 2]
+
+
+def test_target_batch_is_in_the_identity_and_must_be_positive():
+    assert UnlearnDiffAtk(k=2).identity() == UnlearnDiffAtk(k=2).identity()
+    assert "target_batch" not in UnlearnDiffAtk(k=2).identity()["params"]
+    assert UnlearnDiffAtk(k=2, target_batch=4).identity()["params"]["target_batch"] == 4
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError):
+            UnlearnDiffAtk(target_batch=bad)
