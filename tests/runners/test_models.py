@@ -3,6 +3,7 @@ hardware knobs (dtype, attention, compile, VAE slicing) with which of them enter
 
 from __future__ import annotations
 
+import copy
 import shutil
 import time
 from pathlib import Path
@@ -198,3 +199,16 @@ def test_one_process_keeps_one_pipeline_per_set_of_knobs(sd14_shaped_folder, tmp
     assert cache.open(_model_cfg(sd14_shaped_folder), tmp_path, store, "ddim") is plain
     sliced = cache.open(_model_cfg(sd14_shaped_folder, vae_slicing=True), tmp_path, store, "ddim")
     assert sliced is not plain and sliced.options.vae_slicing and not plain.options.vae_slicing
+
+
+def test_a_deep_copy_of_a_compiled_module_runs_its_own_weights():
+    """Every weight-editing CRT deep-copies the pipeline's UNet and edits the copy (crt.base.edited_copy)."""
+    module = torch.nn.Linear(4, 4)
+    module.compile(backend="eager")  # what model.compile does to the UNet, with the cheapest backend
+    x = torch.ones(2, 4)
+    before = module(x).detach()
+    edited = copy.deepcopy(module)
+    with torch.no_grad():
+        edited.weight.zero_()
+        edited.bias.fill_(3.0)
+    assert torch.equal(edited(x), torch.full((2, 4), 3.0)) and torch.equal(module(x), before)
