@@ -70,7 +70,7 @@ class Sizes:
     """How much each measurement does; every field is a command-line option."""
 
     prompts: int = 64  # generation: images per measurement (one batch of the world's 64)
-    repeats: int = 2  # generation: paired repeats, the median is kept
+    repeats: int = 3  # generation: paired repeats, the fastest of each side is kept
     per_set: int = 8  # evaluation: prompts per evaluated set (3 sets, so 3x as many processes in the baseline)
     targets: int = 4  # warm rerun: attack targets of the default run (32 in `make run`)
     generations: int = 50  # Ring-A-Bell: generations of one target's search (100 in the default run)
@@ -208,26 +208,29 @@ def raw_generate(pipe: Any, items: list[PromptItem], maker: ImageMaker) -> list[
 
 
 def measure_generation(run: Run, sizes: Sizes, folder: Path) -> Ratio:
-    """Median of ``repeats`` paired timings; each harness repeat writes into an empty store of its own."""
+    """``repeats`` paired timings, the fastest of each side kept (the least disturbed by other work on the machine);
+    each harness repeat writes into an empty store of its own."""
     texts = [item.text for item in evaluated_items(run)]
     items = [PromptItem(texts[i % len(texts)], seed=i) for i in range(sizes.prompts)]
     pipe = run.model.pipe
     pipe.set_progress_bar_config(disable=True)
     raw_generate(pipe, items[:2], run.maker)  # first-call costs are neither side's
     raw_times, harness_times, same = [], [], True
-    for repeat in range(sizes.repeats):
-        raw_s, raw_images = timed(lambda: raw_generate(pipe, items, run.maker))
+    for repeat in range(sizes.repeats):  # alternating which side goes first; the fastest of each is kept
         maker = ImageMaker(Store(folder / f"generation{repeat}"), run.model, run.settings, progress=False)
-        harness_s, records = timed(lambda maker=maker: maker.make(base_system(run.model),
-                                                                 [ImageRequest(i) for i in items]))
+        sides = [lambda: raw_generate(pipe, items, run.maker),
+                 lambda maker=maker: maker.make(base_system(run.model), [ImageRequest(i) for i in items])]
+        first, second = (0, 1) if repeat % 2 == 0 else (1, 0)
+        timings = {first: timed(sides[first]), second: timed(sides[second])}
+        (raw_s, raw_images), (harness_s, records) = timings[0], timings[1]
         same &= all(np.array_equal(np.asarray(image), np.asarray(maker.load(record.key)))
                     for image, record in zip(raw_images, records))
         raw_times.append(raw_s)
         harness_times.append(harness_s)
     s = run.settings
     return Ratio("generation", f"{sizes.prompts} images, batch {s.batch_size}, DDIM {s.steps} steps, CFG {s.guidance}, "
-                 f"{s.height}x{s.width}; median of {sizes.repeats}",
-                 "raw diffusers pipeline call", float(np.median(raw_times)), float(np.median(harness_times)), 0.95,
+                 f"{s.height}x{s.width}; fastest of {sizes.repeats}, alternating",
+                 "raw diffusers pipeline call", min(raw_times), min(harness_times), 0.95,
                  f"harness writes every PNG to the store; same pixels as the raw call: {'yes' if same else 'NO'}")
 
 
@@ -245,18 +248,29 @@ def one_process_per_prompt(run: Run, items: list[PromptItem], sizes: Sizes, fold
                        capture_output=True)
 
 
-def same_pixels_as_stored(run: Run, items: list[PromptItem], folder: Path, store: Store) -> bool:
-    """Each per-prompt process's PNG equals the harness's stored image of that prompt: the settings were equal."""
+def pixel_differences(run: Run, items: list[PromptItem], folder: Path, store: Store) -> list[int]:
+    """Per prompt, the largest difference (of 255) between the per-prompt process's PNG and the harness's stored
+    image: 0 everywhere when the settings were equal, but a batch of one and the harness's batches can round the
+    UNet's convolutions differently, so an image may differ by a level in a few pixels."""
     from PIL import Image
 
     maker = ImageMaker(store, run.model, run.settings, progress=False)
     system = base_system(run.model)
+    differences = []
     for i, item in enumerate(items):
         with Image.open(folder / f"{i}.png") as image:
-            theirs = np.asarray(image.convert("RGB"))
-        if not np.array_equal(theirs, np.asarray(maker.load(key_of(maker.image_spec(system, ImageRequest(item)))))):
-            return False
-    return True
+            theirs = np.asarray(image.convert("RGB"), dtype=np.int16)
+        ours = np.asarray(maker.load(key_of(maker.image_spec(system, ImageRequest(item)))), dtype=np.int16)
+        differences.append(int(np.abs(theirs - ours).max()))
+    return differences
+
+
+def pixels_note(differences: list[int]) -> str:
+    differing = sum(d > 0 for d in differences)
+    if not differing:
+        return "same pixels: yes"
+    return (f"same pixels but in {differing} of {len(differences)} images, by at most {max(differences)}/255 (a batch "
+            f"of one rounds the UNet's convolutions differently from the harness's batch)")
 
 
 def harness_process(sizes: Sizes, folder: Path, extra: list[str]) -> dict[str, Any]:
@@ -277,13 +291,13 @@ def measure_evaluation(sizes: Sizes, folder: Path, pipelines: PipelineCache) -> 
     baseline_s, _ = timed(lambda: one_process_per_prompt(run, items, sizes, folder / "per_prompt"))
     harness_s, doc = timed(lambda: harness_process(sizes, folder / "harness", extra))
     made = doc["counters"]["images_generated"]
-    same = same_pixels_as_stored(run, items, folder / "per_prompt", Store(folder / "harness" / "store"))
+    differences = pixel_differences(run, items, folder / "per_prompt", Store(folder / "harness" / "store"))
     return Ratio("evaluation", f"{len(items)} prompts ({sizes.per_set} a set x {len(EVALUATED_SETS)} sets), crt=none "
                  f"attack=none, {sizes.threads} thread(s)", f"{len(items)} processes, one per prompt",
                  baseline_s, harness_s, 10.0,
                  f"harness: one `python run.py` process ({made} images generated, judged and embedded, metrics with "
                  f"intervals, results written); baseline: load + generate only, so the ratio is a lower bound; "
-                 f"same pixels: {'yes' if same else 'NO'}")
+                 f"{pixels_note(differences)}")
 
 
 # -- warm rerun ----------------------------------------------------------------------------------------------------

@@ -44,6 +44,12 @@ def test_the_default_run_estimate_scales_only_the_attack_stage_per_target():
     assert bench.default_run_estimate(timings, targets=32, full_targets=32) == pytest.approx(120.0)
 
 
+def test_pixel_notes_say_how_many_images_differ_and_by_how_much():
+    assert bench.pixels_note([0, 0, 0]) == "same pixels: yes"
+    note = bench.pixels_note([0, 1, 0, 2])
+    assert note.startswith("same pixels but in 2 of 4 images, by at most 2/255")
+
+
 def test_cli_sizes_default_quick_and_options():
     sizes, out, note = bench.parse([])
     assert sizes == Sizes() and out == ROOT / "results" / "bench.md" and note == ""
@@ -105,4 +111,6 @@ def test_the_quick_bench_measures_every_ratio_and_writes_the_table(tmp_path):
     for row in rows.values():
         value = float(row.split(" | ")[5].removesuffix("x"))
         assert value > 0 and math.isfinite(value)
-    assert "same pixels: yes" in text and "images generated: 0" in text and "committed runs" in text
+    assert "same pixels as the raw call: yes" in text and "images generated: 0" in text and "committed runs" in text
+    [evaluation] = [line for line in text.splitlines() if line.startswith("- evaluation:")]
+    assert "same pixels" in evaluation
