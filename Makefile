@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-crt-bench
 ARGS ?=
 
-.PHONY: install run test test-slow lint leaderboard leaderboard-table catalog compare reference report world world-check
+.PHONY: install run test test-slow lint leaderboard leaderboard-table catalog compare reference report bench world world-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,9 @@ catalog: $(STAMP)  ## plug-ins with their access and defaults, and the CRT x att
 
 report: $(STAMP)  ## results/report/: one HTML page per concept (tables, plots, image grids); ARGS="report.unsafe_images=hide"
 	$(PY) -m runners.report results $(ARGS)
+
+bench: $(STAMP)  ## paired speed ratios on the miniature world -> results/bench.md (~11 min on 2 busy cores; ARGS="--quick" or sizes)
+	OMP_NUM_THREADS=1 $(PY) -m runners.bench $(ARGS)
 
 compare: $(STAMP)  ## line results/runs up with the published numbers: agrees / disagrees / not comparable (why)
 	$(PY) -m runners.compare results
