@@ -36,6 +36,7 @@ from runners.models import HarnessError, ModelHandle, PipelineCache, numerics_ve
 from runners.scoring import Scorer
 from runners.spec import Access, ConceptSpec, Family, GenerationSettings, PromptItem
 from runners.store import Store, key_of
+from runners.validate import check_limit
 
 log = logging.getLogger(__name__)
 
@@ -336,11 +337,8 @@ def attack_targets(run: Run) -> list[PromptItem]:
                            f"{run.concept.key!r} does not have (it has {sorted(run.concept.prompts)})")
     targets = list(run.concept.prompt_set(name))
     limit = run.cfg["model"].get("max_attack_targets")
-    if limit is None:
-        return targets
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise HarnessError(f"model.max_attack_targets={limit!r}; give a positive integer, or null for all")
-    return targets[:limit]
+    check_limit("model.max_attack_targets", limit)  # also checked up front; runs built without execute reach here
+    return targets if limit is None else targets[:limit]
 
 
 def target_records_name(run: Run) -> str:

@@ -42,9 +42,16 @@ def validate_config(cfg: dict[str, Any]) -> None:
                                f"{max(8, value // 8 * 8)})")
     for group, key in OPTIONAL_POSITIVE:
         section = cfg.get(group) or {} if group else cfg
-        if section.get(key) is not None:
-            name = f"{group}.{key}" if group else key
-            _check_number(name, section[key], "int", 1, "; or null for no limit" if group else "; or null")
+        if group:
+            check_limit(f"{group}.{key}", section.get(key))
+        elif section.get(key) is not None:
+            _check_number(key, section[key], "int", 1, "; or null")
+
+
+def check_limit(name: str, value: Any) -> None:
+    """An optional positive count (``model.max_attack_targets``...): null, or an integer >= 1."""
+    if value is not None:
+        _check_number(name, value, "int", 1, "; or null for no limit")
 
 
 def _check_number(name: str, value: Any, kind: str, minimum: float, alternative: str = "") -> None:

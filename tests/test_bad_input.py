@@ -20,7 +20,7 @@ import pytest
 from run import execute
 from runners import store as store_module
 from runners.models import HarnessError, PipelineCache
-from tests.runners.conftest import compose_config, plugin
+from tests.runners.conftest import assert_nothing_fitted, compose_config, full_disk_fdopen, plugin
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,12 +44,6 @@ def _one_line(raised: pytest.ExceptionInfo, *words: str) -> str:
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", **(env or {})})
-
-
-def _no_artifact(cfg: dict[str, Any]) -> None:
-    root = Path(cfg["store"]["root"])
-    assert not list((root / "objects").glob("artifact/*")) if (root / "objects").is_dir() else True
-    assert not [p for p in (root / "tmp").rglob("*") if p.is_file()] if (root / "tmp").is_dir() else True
 
 
 # -- names and models --------------------------------------------------------------------------------------------
@@ -139,31 +133,11 @@ def test_a_full_disk_is_one_line_and_stores_nothing_half_made(tmp_path: Path, mo
 
     cfg = _world(tmp_path, "stop_after=generate")
     monkeypatch.setattr(store_module.os, "write", full)
-    monkeypatch.setattr(store_module.os, "fdopen", _full_fdopen(os.fdopen))
+    monkeypatch.setattr(store_module.os, "fdopen", full_disk_fdopen(os.fdopen))
     with pytest.raises(HarnessError) as raised:
         execute(cfg, pipelines=PipelineCache())
     _one_line(raised, "no space left")
     assert not [p for p in (tmp_path / "store" / "tmp").rglob("*") if p.is_file()]
-
-
-def _full_fdopen(real_fdopen):
-    class FullFile:
-        def __init__(self, handle: int, mode: str, *args: Any, **kwargs: Any):
-            self.file = real_fdopen(handle, mode, *args, **kwargs)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.file.close()
-
-        def fileno(self) -> int:
-            return self.file.fileno()
-
-        def write(self, data) -> int:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    return FullFile
 
 
 # -- concepts and prompts ------------------------------------------------------------------------------------------
@@ -224,7 +198,7 @@ def test_nan_in_a_fit_stops_it_and_stores_no_artifact(tmp_path: Path):
     with pytest.raises(HarnessError) as raised:
         execute(cfg, pipelines=PipelineCache())
     _one_line(raised, "fit of fake_edit", "nothing was stored")
-    _no_artifact(cfg)
+    assert_nothing_fitted(cfg["store"]["root"])
 
 
 def test_judge_weights_missing_offline_stop_the_run_up_front(tmp_path: Path):

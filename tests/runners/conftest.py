@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,3 +50,35 @@ def plugin(cfg: dict[str, Any], group: str, handler: str, name: str, **params: A
     cfg[group] = {"name": name, "handler": handler, "params": params, **({"adaptive": False} if group == "attack"
                                                                           else {})}
     return cfg
+
+
+def full_disk_fdopen(real_fdopen: Callable[..., Any]) -> Callable[..., Any]:
+    """A stand-in for ``os.fdopen`` whose files refuse every write with ENOSPC, as on a full disk."""
+
+    class FullFile:
+        def __init__(self, handle: int, mode: str, *args: Any, **kwargs: Any):
+            self.file = real_fdopen(handle, mode, *args, **kwargs)
+
+        def __enter__(self) -> FullFile:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.close()
+
+        def fileno(self) -> int:
+            return self.file.fileno()
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    return FullFile
+
+
+def assert_nothing_fitted(root: str | Path) -> None:
+    """No artifact in the store and no file left in its staging folder: a refused fit stored nothing half-made."""
+    from runners.store import Store
+
+    root = Path(root)
+    assert Store(root).count("artifact") == 0
+    assert not list((root / "objects").glob("artifact/*")) if (root / "objects").is_dir() else True
+    assert not [p for p in (root / "tmp").rglob("*") if p.is_file()] if (root / "tmp").is_dir() else True

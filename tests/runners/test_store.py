@@ -21,7 +21,7 @@ import pytest
 from runners import store as store_module
 from runners.spec import canonical_json
 from runners.store import Store, atomic_write_bytes, key_of
-from tests.runners.conftest import ROOT
+from tests.runners.conftest import ROOT, full_disk_fdopen
 
 
 def test_key_is_canonical_over_dict_order_and_changes_with_content():
@@ -615,25 +615,7 @@ def test_a_full_disk_while_indexing_is_one_error(tmp_path: Path, monkeypatch: py
 
 
 def test_a_full_disk_while_writing_results_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    real_fdopen = os.fdopen
-
-    class FullFile:
-        def __init__(self, handle: int, mode: str):
-            self.file = real_fdopen(handle, mode)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc) -> None:
-            self.file.close()
-
-        def fileno(self) -> int:
-            return self.file.fileno()
-
-        def write(self, data: bytes) -> int:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(store_module.os, "fdopen", FullFile)
+    monkeypatch.setattr(store_module.os, "fdopen", full_disk_fdopen(os.fdopen))
     target = tmp_path / "results" / "leaderboard.md"
     with pytest.raises(Exception) as raised:
         atomic_write_bytes(target, b"table")

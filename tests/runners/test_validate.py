@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 
 from run import execute
 from runners.models import HarnessError
 from runners.registry import available
-from runners.store import Store
 from runners.validate import validate_config
-from tests.runners.conftest import compose_config, plugin
+from tests.runners.conftest import assert_nothing_fitted, compose_config, plugin
 
 
 @pytest.mark.parametrize("model", available("model"))
@@ -52,17 +50,12 @@ def test_a_fit_with_non_finite_weights_stores_nothing(tiny_config, shift: float)
     cfg = plugin(tiny_config(), "crt", "tests.runners.fakes.FakeEditCRT", "fake_edit", shift=shift)
     with pytest.raises(HarnessError, match="non-finite weights .*conv_out.bias.*nothing was stored"):
         execute(cfg)
-    _assert_no_artifact(cfg["store"]["root"])
+    assert_nothing_fitted(cfg["store"]["root"])
 
 
 def test_a_fit_whose_loss_turns_nan_is_one_line_and_stores_nothing(tiny_config):
     cfg = plugin(tiny_config(), "crt", "tests.runners.fakes.FakeEditCRT", "fake_edit", diverge=True)
     with pytest.raises(HarnessError, match="fit of fake_edit .* stopped: .*loss is nan.*nothing was stored"):
         execute(cfg)
-    _assert_no_artifact(cfg["store"]["root"])
+    assert_nothing_fitted(cfg["store"]["root"])
 
-
-def _assert_no_artifact(root: str) -> None:
-    assert Store(root).count("artifact") == 0
-    leftovers = [p for p in (Path(root) / "tmp").rglob("*") if p.is_file()] if (Path(root) / "tmp").is_dir() else []
-    assert not leftovers, leftovers
