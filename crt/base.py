@@ -94,6 +94,8 @@ class FitContext:
     device: torch.device = torch.device("cpu")
     seed: int = 0
     checkpoints: FitCheckpoints = field(default_factory=FitCheckpoints)
+    validation_rate: Callable[[Any], float] | None = None  # pipe -> the concept judge's rate on the concept's
+    # `validation` prompts rendered by that pipe (checkpoint selection, e.g. RECE's); None where the runner has none
 
     def checkpoint(self, done: int, state: Callable[[], dict[str, Any]], total: int | None = None) -> None:
         """After ``done`` steps, save ``state()`` (trained tensors, optimiser, generators, history) when ``done`` is
@@ -216,6 +218,8 @@ class DefendedModel:
     filter: ImageFilter | None = None
     negative_prompt: str | None = None
     exposes: frozenset[Access] = frozenset()
+    guidance: Any = None  # a sampling-loop defence (SLD, SAFREE): how the step's noise is made from the UNet's
+    # predictions; white-box attacks differentiate through it; None = plain classifier-free guidance
 
 
 class CRT(ABC):
