@@ -26,3 +26,19 @@ def sd14_shaped_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from world.sd_shaped import write_sd14_shaped_pipeline
 
     return write_sd14_shaped_pipeline(tmp_path_factory.mktemp("sd14_shaped") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def sd21_shaped_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight pipeline with SD 2.1-base's classes and shapes (1024-wide OpenCLIP-H text)."""
+    from world.sd_shaped import write_sd21_shaped_pipeline
+
+    return write_sd21_shaped_pipeline(tmp_path_factory.mktemp("sd21_shaped") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def sdxl_shaped_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight pipeline with SDXL's classes and shapes (two text encoders, pooled embedding, time ids)."""
+    from world.sd_shaped import write_sdxl_shaped_pipeline
+
+    return write_sdxl_shaped_pipeline(tmp_path_factory.mktemp("sdxl_shaped") / "pipeline")

@@ -1,0 +1,162 @@
+"""What differs between the UNet backbones (SD 1.x, SD 2.x, SDXL), as plain functions over a diffusers pipeline.
+
+Why: every CRT and attack written against SD v1.4 assumes one 768-wide text encoder read at its last layer, a
+UNet called with ``encoder_hidden_states`` only, epsilon prediction and 0.18215 latents. SD 2.x keeps the calls but
+changes the widths (1024), the padding token ('!') and, for the 768 model, predicts v; SDXL has two text encoders
+read at their penultimate layers and concatenated (2048 wide), a pooled embedding and six "time ids" the UNet takes
+as extra conditioning, and 0.13025 latents. A plug-in that goes through these functions runs on all three; one that
+does not declares ``backbones = {"sd1"}`` and is refused elsewhere. No wrapper classes: each function reads what
+it needs from the pipeline diffusers built. Transformer backbones (SD 3, FLUX) are not UNet families: refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from crt_bench.spec import HarnessError
+
+SD1, SD2, SDXL = "sd1", "sd2", "sdxl"
+BACKBONES: tuple[str, ...] = (SD1, SD2, SDXL)
+TRANSFORMER_BACKBONES: tuple[str, ...] = ("sd3", "flux")
+ONLY_SD1: frozenset[str] = frozenset({SD1})
+UNET_FAMILY: frozenset[str] = frozenset(BACKBONES)
+
+
+def backbone_of(pipe: Any) -> str:
+    """The backbone a loaded pipeline is, from its structure (not its name): a second text encoder and added
+    conditioning = SDXL; a 1024-wide text encoder = SD 2.x; otherwise SD 1.x (and the miniature world, which has
+    SD v1.4's classes)."""
+    if getattr(pipe, "transformer", None) is not None:
+        return "transformer"
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return SDXL
+    return SD2 if pipe.text_encoder.config.hidden_size == 1024 else SD1
+
+
+def check_backbone(backbone: str, plugins: Iterable[Any], model_name: str = "") -> None:
+    """Refuse, in one line and before any work, a run whose model backbone a plug-in does not declare."""
+    label = f"model={model_name} " if model_name else ""
+    if backbone in TRANSFORMER_BACKBONES:
+        raise HarnessError(f"{label}is a transformer backbone ({backbone}); only the UNet families "
+                           f"{', '.join(BACKBONES)} are supported so far")
+    if backbone not in BACKBONES:
+        raise HarnessError(f"{label}declares backbone {backbone!r}; give one of {', '.join(BACKBONES)}")
+    for plugin in plugins:
+        supported = getattr(plugin, "backbones", ONLY_SD1)
+        if backbone not in supported:
+            raise HarnessError(f"{plugin.name} does not support the {backbone} backbone ({label.strip() or 'this run'}"
+                               f"); it supports {', '.join(sorted(supported))}")
+
+
+@dataclass
+class TextConditioning:
+    """What the UNet is conditioned on by a prompt: the token states cross-attention reads, and SDXL's pooled
+    embedding (None on SD 1.x / 2.x)."""
+
+    hidden: Any  # (B, 77, width)
+    pooled: Any = None  # (B, 1280) on SDXL
+
+    def repeat(self, n: int) -> TextConditioning:
+        pooled = None if self.pooled is None else self.pooled.repeat(n, 1)
+        return TextConditioning(self.hidden.repeat(n, 1, 1), pooled)
+
+
+def text_stack(pipe: Any) -> list[tuple[Any, Any]]:
+    """The (tokenizer, text encoder) pairs whose outputs are concatenated, in order."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
+def text_width(pipe: Any) -> int:
+    """The width of the token states cross-attention reads (768, 1024, 2048)."""
+    return sum(encoder.config.hidden_size for _, encoder in text_stack(pipe))
+
+
+def token_ids(tokenizer: Any, texts: list[str]) -> Any:
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def encode_text(pipe: Any, texts: list[str]) -> TextConditioning:
+    """The conditioning diffusers' own pipeline computes for ``texts`` (no classifier-free duplication): SD 1.x /
+    2.x the last hidden state; SDXL both encoders' penultimate states concatenated and the second's pooled output.
+    Differentiable with respect to the text encoders' weights (CRTs that train them, attacks through them)."""
+    device = pipe.text_encoder.device
+    if getattr(pipe, "text_encoder_2", None) is None:
+        ids = token_ids(pipe.tokenizer, texts).to(device)
+        return TextConditioning(pipe.text_encoder(ids)[0])
+    states, pooled = [], None
+    for tokenizer, encoder in text_stack(pipe):
+        out = encoder(token_ids(tokenizer, texts).to(device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0] if out[0].ndim == 2 else pooled  # CLIPTextModelWithProjection: text_embeds first
+    return TextConditioning(_cat(states), pooled)
+
+
+def _cat(states: list[Any]) -> Any:
+    import torch
+
+    return torch.cat(states, dim=-1)
+
+
+def time_ids(height: int, width: int, batch: int, like: Any) -> Any:
+    """SDXL's added time ids: original size, top-left crop (0, 0), target size, as its pipeline sets them."""
+    import torch
+
+    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=like.dtype, device=like.device)
+    return ids.repeat(batch, 1)
+
+
+def unet_output(pipe: Any, unet: Any, latents: Any, timestep: Any, cond: TextConditioning, height: int | None = None,
+                width: int | None = None) -> Any:
+    """``unet``'s raw prediction (epsilon, or v on a v-prediction model) with whatever extra conditioning the
+    backbone needs; ``height``/``width`` in pixels (default: the latents' size times the VAE factor)."""
+    kwargs: dict[str, Any] = {}
+    if cond.pooled is not None:
+        factor = vae_factor(pipe)
+        h = height or latents.shape[-2] * factor
+        w = width or latents.shape[-1] * factor
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(latents.dtype),
+                                       "time_ids": time_ids(h, w, latents.shape[0], latents)}
+    return unet(latents, timestep, encoder_hidden_states=cond.hidden.to(latents.dtype), **kwargs).sample
+
+
+def vae_factor(pipe: Any) -> int:
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def latent_scale(pipe: Any) -> float:
+    """The factor latents are multiplied by after encoding (0.18215 on SD 1.x / 2.x, 0.13025 on SDXL)."""
+    return float(pipe.vae.config.scaling_factor)
+
+
+def prediction_type(pipe: Any) -> str:
+    return str(getattr(pipe.scheduler.config, "prediction_type", "epsilon"))
+
+
+def epsilon(pipe: Any, output: Any, latents: Any, timestep: Any) -> Any:
+    """The noise a model output stands for: itself on epsilon models; eps = sqrt(abar) v + sqrt(1 - abar) x_t on
+    v-prediction models (SD 2.1 768). Objectives written on epsilon stay correct on both."""
+    kind = prediction_type(pipe)
+    if kind == "epsilon":
+        return output
+    if kind != "v_prediction":
+        raise HarnessError(f"prediction type {kind!r} is not supported; epsilon or v_prediction")
+    abar = pipe.scheduler.alphas_cumprod.to(latents.device)[timestep].to(latents.dtype)
+    abar = abar.reshape(-1, *([1] * (latents.ndim - 1)))
+    return abar.sqrt() * output + (1 - abar).sqrt() * latents
+
+
+def cross_attention_layers(unet: Any) -> dict[str, Any]:
+    """The UNet's cross-attention modules (``attn2``) by name; each one's ``to_k`` / ``to_v`` read the text width
+    (768 / 1024 / 2048) and write its own inner width, which differs by level on SD 2.x and SDXL."""
+    return {name: module for name, module in unet.named_modules() if name.endswith("attn2")}
+
+
+def key_value_widths(unet: Any) -> dict[str, tuple[int, int]]:
+    """Per cross-attention layer: (input width = text width, output width) of its key projection."""
+    return {name: (m.to_k.in_features, m.to_k.out_features) for name, m in cross_attention_layers(unet).items()}
