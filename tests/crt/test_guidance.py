@@ -1,0 +1,76 @@
+"""The guidance protocol: plain CFG through GuidedPipeline is StableDiffusionPipeline, and timesteps map to steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from crt.guidance import ClassifierFreeGuidance, Conditions, GuidedPipeline, Step, step_of_timestep
+
+
+def _images(pipe, size: int, **kwargs) -> np.ndarray:
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    out = pipe(num_inference_steps=3, guidance_scale=7.5, height=size, width=size, generator=gens,
+               output_type="np", **kwargs)
+    return np.asarray(out.images)
+
+
+@pytest.mark.parametrize("negative", [None, "blurry"])
+def test_plain_cfg_reproduces_the_stable_diffusion_pipeline(tiny, negative):
+    guided = GuidedPipeline.around(tiny.pipe, ClassifierFreeGuidance())
+    extra = {} if negative is None else {"negative_prompt": [negative] * 2}
+    prompts = ["a nude circle", "a red square"]
+    expected = _images(tiny.pipe, tiny.size, prompt=prompts, **extra)
+    got = _images(guided, tiny.size, prompt=prompts, **extra)
+    np.testing.assert_array_equal(got, expected)
+    assert guided.unet is tiny.pipe.unet and guided.text_encoder is tiny.pipe.text_encoder
+
+
+def test_plain_cfg_reproduces_the_pipeline_on_prompt_embeddings(sd14):
+    pipe = sd14.pipe
+    ids = pipe.tokenizer(["a cat", "a dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        embeds = pipe.text_encoder(ids)[0]
+    guided = GuidedPipeline.around(pipe, ClassifierFreeGuidance())
+    np.testing.assert_array_equal(_images(guided, sd14.size, prompt_embeds=embeds),
+                                  _images(pipe, sd14.size, prompt_embeds=embeds))
+
+
+def test_a_pipeline_rebuilt_without_its_guidance_refuses_to_sample(sd14):
+    guided = GuidedPipeline.around(sd14.pipe, ClassifierFreeGuidance())
+    rebuilt = type(guided)(**guided.components)
+    with pytest.raises(ValueError, match="no guidance"):
+        rebuilt("a cat", num_inference_steps=1)
+
+
+def test_cfg_noise_is_the_hand_combination(sd14):
+    unet = sd14.pipe.unet
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=gen)
+    cond, uncond = torch.randn(2, 1, 77, unet.config.cross_attention_dim, generator=gen).unbind(0)
+    t = torch.tensor(500)
+    with torch.no_grad():
+        e_c = unet(latents, t, encoder_hidden_states=cond).sample
+        e_u = unet(latents, t, encoder_hidden_states=uncond).sample
+        got = ClassifierFreeGuidance().noise(unet, latents, Step(0, t, 1), Conditions(cond, uncond, 7.5), None)
+        plain = ClassifierFreeGuidance().noise(unet, latents, Step(0, t, 1), Conditions(cond, uncond, 1.0), None)
+    torch.testing.assert_close(got, e_u + 7.5 * (e_c - e_u), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(plain, e_c)
+
+
+def test_step_of_timestep_is_the_nearest_deployed_step(world):
+    scheduler = world.pipe.scheduler
+    before = scheduler.timesteps.clone() if scheduler.timesteps is not None else None
+    schedule = type(scheduler).from_config(scheduler.config)
+    schedule.set_timesteps(50)
+    deployed = schedule.timesteps.tolist()
+    for index in (0, 7, 10, 49):
+        step = step_of_timestep(scheduler, 50, deployed[index])
+        assert (step.index, step.total) == (index, 50)
+    assert step_of_timestep(scheduler, 50, 999).index == 0
+    assert step_of_timestep(scheduler, 50, 0).index == 49
+    between = (deployed[10] + deployed[11]) / 2 + 0.4  # nearer step 10 (larger timestep)
+    assert step_of_timestep(scheduler, 50, torch.tensor([between])).index == 10
+    after = scheduler.timesteps
+    assert (before is None and after is None) or torch.equal(before, after)  # a copy is set, not the deployed one
