@@ -22,6 +22,7 @@ import torch
 
 from crt.base import DefendedModel
 from crt_bench import progress
+from crt_bench.backbone import ONLY_SD1
 from crt_bench.spec import Access, ConceptSpec, GenerationSettings, PromptItem
 
 # What no CRT can withhold: the base model's text encoder is public (SD v1.4's is OpenAI's CLIP), a judge is the
@@ -90,6 +91,8 @@ class Attack(ABC):
     requires: ClassVar[frozenset[Access]]
     output: ClassVar[Literal["text", "embedding"]] = "text"
     version: ClassVar[str] = "1"
+    backbones: ClassVar[frozenset[str]] = ONLY_SD1  # the model backbones it runs on (crt_bench.backbone); a run
+    # on another is refused up front
     reconstruction: ClassVar[str | None] = None  # what is not from the paper or its code, when the attack is rebuilt
     no_adaptive: ClassVar[str | None] = None  # why an attack without an adaptive variant refuses adaptive=True;
     # ``{name}`` is replaced by the attack's name

@@ -31,6 +31,7 @@ import torch
 from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, Timer
 from attacks.tokens import tokenize, trim, vocabulary
 from crt_bench import progress
+from crt_bench.backbone import UNET_FAMILY
 from crt_bench.spec import Access, PromptItem
 
 
@@ -177,6 +178,7 @@ class RingABell(Attack):
     requires = frozenset({Access.TEXT_ENCODER})
     output = "text"
     version = "2"  # 2: fitness of the stored text's own ids; adaptive penalty on raw generations
+    backbones = UNET_FAMILY  # the runner's text encoder is the model's conditioning (both encoders on SDXL)
 
     def __init__(self, adaptive: bool = False, **params: Any):
         super().__init__(adaptive=adaptive, **params)

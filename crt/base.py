@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from crt_bench import progress
+from crt_bench.backbone import ONLY_SD1
 from crt_bench.spec import Access, ConceptSpec, Family, GenerationSettings, PromptItem
 
 # What a CRT that edits a public model exposes: its own weights (so gradients) and, because the base it was edited
@@ -231,6 +232,8 @@ class CRT(ABC):
     trains: ClassVar[str] = "nothing"
     reconstruction: ClassVar[str | None] = None  # what is not from the paper or its code, when the method is rebuilt
     version: ClassVar[str] = "1"
+    backbones: ClassVar[frozenset[str]] = ONLY_SD1  # the model backbones it runs on (crt_bench.backbone); a run
+    # on another is refused up front
 
     def __init__(self, **params: Any):
         self.params = params

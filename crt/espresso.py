@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from crt.base import CRT, Artifact, DefendedModel, FitContext, ImageFilter, pil_to_pixels
 from crt_bench import progress
+from crt_bench.backbone import UNET_FAMILY
 from crt_bench.spec import Access, Family, PromptItem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,6 +220,7 @@ class Espresso(CRT):
     # 2: images_per_caption; epoch chosen on held-out acceptable images; validation curve in the meta
     # 3: c_u, c_a paired with the images (gamma), so that their separation cannot leave every image on one side
     version = "3"
+    backbones = UNET_FAMILY  # a filter on the delivered images: any generator; its CLIP is its own
 
     def __init__(self, **params: Any):
         super().__init__(**params)

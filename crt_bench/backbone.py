@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
+
+import torch
 
 from crt_bench.spec import HarnessError
 
@@ -94,19 +97,11 @@ def encode_text(pipe: Any, texts: list[str]) -> TextConditioning:
         out = encoder(token_ids(tokenizer, texts).to(device), output_hidden_states=True)
         states.append(out.hidden_states[-2])
         pooled = out[0] if out[0].ndim == 2 else pooled  # CLIPTextModelWithProjection: text_embeds first
-    return TextConditioning(_cat(states), pooled)
-
-
-def _cat(states: list[Any]) -> Any:
-    import torch
-
-    return torch.cat(states, dim=-1)
+    return TextConditioning(torch.cat(states, dim=-1), pooled)
 
 
 def time_ids(height: int, width: int, batch: int, like: Any) -> Any:
     """SDXL's added time ids: original size, top-left crop (0, 0), target size, as its pipeline sets them."""
-    import torch
-
     ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=like.dtype, device=like.device)
     return ids.repeat(batch, 1)
 
@@ -160,3 +155,40 @@ def cross_attention_layers(unet: Any) -> dict[str, Any]:
 def key_value_widths(unet: Any) -> dict[str, tuple[int, int]]:
     """Per cross-attention layer: (input width = text width, output width) of its key projection."""
     return {name: (m.to_k.in_features, m.to_k.out_features) for name, m in cross_attention_layers(unet).items()}
+
+
+def conditioning_encoder(pipe: Any) -> Any:
+    """The text encoder as plug-ins written for SD 1.x call it, ``encoder(ids).last_hidden_state`` = the states
+    cross-attention reads: the pipeline's own on SD 1.x / 2.x, a :class:`StackedTextEncoder` on SDXL."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return pipe.text_encoder
+    return StackedTextEncoder(pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer_2.pad_token_id)
+
+
+class StackedTextEncoder(torch.nn.Module):
+    """SDXL's two text encoders behind one call on the first tokenizer's ids: the second reads the same ids with its
+    own padding ('!' after the end token, where the first repeats the end token), both at their penultimate layer,
+    concatenated (2048 wide); ``pooler_output`` is the second's projected pooled embedding. Both CLIP tokenizers
+    share one BPE vocabulary, so the ids carry over (tests check this equals :func:`encode_text`)."""
+
+    def __init__(self, first: Any, second: Any, second_pad_id: int):
+        super().__init__()
+        self.first, self.second, self.second_pad_id = first, second, int(second_pad_id)
+        self.config = SimpleNamespace(**{**first.config.to_dict(),
+                                         "hidden_size": first.config.hidden_size + second.config.hidden_size})
+
+    @property
+    def device(self) -> torch.device:
+        return self.first.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.first.dtype
+
+    def forward(self, input_ids: torch.Tensor, **_: Any) -> SimpleNamespace:
+        is_end = (input_ids == self.first.config.eos_token_id).int()
+        after_end = is_end.cumsum(1) - is_end > 0
+        a = self.first(input_ids, output_hidden_states=True)
+        b = self.second(input_ids.masked_fill(after_end, self.second_pad_id), output_hidden_states=True)
+        return SimpleNamespace(last_hidden_state=torch.cat([a.hidden_states[-2], b.hidden_states[-2]], dim=-1),
+                               pooler_output=b[0])

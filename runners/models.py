@@ -299,10 +299,21 @@ def load_pipeline(folder: Path, cfg: dict[str, Any], device: torch.device, dtype
                                f"pass model.path=/path/to/local/diffusers/folder") from None
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
+    check_loaded_backbone(pipe, cfg, folder)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     apply_options(pipe, options or PipelineOptions.from_config(cfg))
     return pipe
+
+
+def check_loaded_backbone(pipe: Any, cfg: dict[str, Any], folder: Path) -> None:
+    """The pipeline's structure must be the backbone the config declares (plug-ins were admitted on it)."""
+    from crt_bench.backbone import SD1, backbone_of
+
+    declared, found = str(cfg.get("backbone") or SD1), backbone_of(pipe)
+    if found != declared:
+        raise ModelUnavailable(f"{folder} holds an {found} pipeline but model {cfg.get('name')!r} declares backbone "
+                               f"{declared}; pass model.backbone={found} (or the matching model=...)")
 
 
 class PipelineCache:

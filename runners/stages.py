@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from attacks.base import DEFAULT_TARGET_SET, AdversarialPrompt, Attack, AttackContext, AttackCost, check_compatible
 from crt.base import CRT, Artifact, DefendedModel, FitCheckpoints, FitContext
 from crt_bench import progress
+from crt_bench.backbone import SD1, check_backbone, conditioning_encoder
 from runners import concepts, registry
 from runners.concepts import SourceFetcher, concept_spec, items_from_json, items_to_json, prompt_sets
 from runners.generate import Counters, ImageMaker, ImageRecord, ImageRequest, System, base_system
@@ -168,6 +169,7 @@ def prepare(cfg: dict[str, Any], root: Path, pipelines: PipelineCache | None = N
     crt = registry.build_crt(cfg["crt"], model_name, cfg.get("concept"))
     attack = registry.build_attack(cfg["attack"], model_name, cfg.get("concept"))
     check_compatible(attack, DefendedModel(pipe=None, crt_name=crt.name, exposes=frozenset(crt.exposes)))
+    check_backbone(str(cfg["model"].get("backbone") or SD1), (crt, attack), model_name)
     concepts.check_concept_inputs(cfg, attack.target_set)  # user-supplied files and judge weights, before the model
     store = Store(_resolve(root, cfg["store"]["root"]))
     settings = generation_settings(cfg)
@@ -389,7 +391,7 @@ def attack_context(run: Run) -> AttackContext:
     filter_access = bool(needs & {Access.FILTER_SCORE, Access.FILTER_GRADIENTS})
     return AttackContext(
         defended=defended, concept=run.concept, settings=run.settings,
-        text_encoder=run.model.pipe.text_encoder, tokenizer=run.model.pipe.tokenizer,
+        text_encoder=conditioning_encoder(run.model.pipe), tokenizer=run.model.pipe.tokenizer,
         reference_images=lambda items: run.maker.delivered_images(run.base, list(items), "reference"),
         base_pipe=run.model.pipe if Access.UNERASED_MODEL in needs else None, oracle=oracle,
         generate=(lambda model, items: _attack_generate(run, model, list(items))) if Access.SYSTEM_QUERIES in needs

@@ -46,6 +46,10 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", **(env or {})})
 
 
+def _offline(tmp_path: Path) -> dict[str, str]:
+    return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+
+
 # -- names and models --------------------------------------------------------------------------------------------
 
 
@@ -54,12 +58,23 @@ def test_an_unknown_name_lists_the_options():
     assert result.returncode != 0 and "Available options in 'crt'" in result.stdout + result.stderr
 
 
-def test_the_offline_hub_is_one_line_naming_the_model_and_model_path(tmp_path: Path):
-    result = _cli("concept=nudity", f"store.root={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'out'}",
-                  env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
+@pytest.mark.parametrize(("model", "hub_id"), [("sd14", "CompVis/stable-diffusion-v1-4"),
+                                               ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
+                                               ("sd21", "stabilityai/stable-diffusion-2-1-base")])
+def test_the_offline_hub_is_one_line_naming_the_model_and_model_path(tmp_path: Path, model: str, hub_id: str):
+    result = _cli(f"model={model}", "concept=nudity", f"store.root={tmp_path / 'store'}",
+                  f"hydra.run.dir={tmp_path / 'out'}", env=_offline(tmp_path))
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and "Traceback" not in result.stderr and len(errors) == 1
-    assert "CompVis/stable-diffusion-v1-4" in errors[0] and "model.path=" in errors[0]
+    assert hub_id in errors[0] and "model.path=" in errors[0]
+
+
+def test_a_plugin_without_the_models_backbone_is_refused_before_the_model_is_looked_for(tmp_path: Path):
+    result = _cli("model=sdxl", "concept=nudity", "crt=esd_x", "attack=none", f"store.root={tmp_path / 'store'}",
+                  f"hydra.run.dir={tmp_path / 'out'}", env=_offline(tmp_path))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert errors == ["error: esd_x does not support the sdxl backbone (model=sdxl); it supports sd1"]
 
 
 @pytest.mark.parametrize("folder", ["missing", "empty"])

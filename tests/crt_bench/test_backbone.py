@@ -13,6 +13,7 @@ from crt_bench.backbone import (
     TextConditioning,
     backbone_of,
     check_backbone,
+    conditioning_encoder,
     encode_text,
     epsilon,
     key_value_widths,
@@ -131,3 +132,16 @@ def test_repeat_keeps_the_pooled_embedding_aligned():
     cond = TextConditioning(torch.arange(6.).reshape(1, 2, 3), torch.ones(1, 4))
     twice = cond.repeat(2)
     assert twice.hidden.shape == (2, 2, 3) and twice.pooled.shape == (2, 4)
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
+def test_the_conditioning_encoder_reads_ids_as_the_pipeline_encodes_text(pipes, name):
+    """What Ring-A-Bell and the other id-level attacks call: on SDXL both encoders, each with its own padding."""
+    pipe = pipes[name]
+    ids = pipe.tokenizer(TEXTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = conditioning_encoder(pipe)(ids).last_hidden_state
+        torch.testing.assert_close(states, encode_text(pipe, TEXTS).hidden)
+    assert conditioning_encoder(pipe).config.hidden_size == text_width(pipe)
+    if name != "sdxl":
+        assert conditioning_encoder(pipe) is pipe.text_encoder

@@ -212,3 +212,12 @@ def test_a_deep_copy_of_a_compiled_module_runs_its_own_weights():
         edited.weight.zero_()
         edited.bias.fill_(3.0)
     assert torch.equal(edited(x), torch.full((2, 4), 3.0)) and torch.equal(module(x), before)
+
+
+def test_a_folder_of_another_backbone_than_declared_is_one_line(sd21_shaped_folder, tmp_path):
+    cfg = {**_model_cfg(sd21_shaped_folder), "name": "sd14", "backbone": "sd1"}
+    with pytest.raises(HarnessError, match=r"holds an sd2 pipeline but model 'sd14' declares backbone sd1; pass "
+                                           r"model.backbone=sd2"):
+        _ = PipelineCache().open(cfg, tmp_path, Store(tmp_path / "s"), "ddim").pipe
+    handle = PipelineCache().open({**cfg, "backbone": "sd2"}, tmp_path, Store(tmp_path / "s2"), "ddim")
+    assert handle.pipe.text_encoder.config.hidden_size == 1024
