@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from crt.base import CRT, Artifact, DefendedModel, FitContext
+from crt_bench.backbone import UNET_FAMILY
 from crt_bench.spec import Access, Family
 
 
@@ -16,6 +17,7 @@ class NoCRT(CRT):
     exposes: ClassVar[frozenset[Access]] = frozenset(
         {Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.UNERASED_MODEL})
     trains: ClassVar[str] = "nothing"
+    backbones: ClassVar[frozenset[str]] = UNET_FAMILY
 
     def fit(self, ctx: FitContext) -> Artifact:
         return Artifact(meta={"note": "identity: nothing fitted"})

@@ -91,3 +91,22 @@ def test_default_command_runs_the_miniature_world(tmp_path: Path):
     result = _run(*args, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "world_nudity · espresso · ringabell (transfer)" in result.stdout
+
+
+@pytest.mark.parametrize(("model", "folder_fixture"), [("sd21", "sd21_shaped_folder"), ("sdxl", "sdxl_shaped_folder")])
+def test_ring_a_bell_runs_end_to_end_on_the_other_backbones(model: str, folder_fixture: str, tmp_path: Path,
+                                                            request: pytest.FixtureRequest):
+    """The same command on SD 2.1's and SDXL's shapes: the search reads the model's conditioning (both encoders on
+    SDXL), the scoring generates through the backbone's own pipeline."""
+    folder = request.getfixturevalue(folder_fixture)
+    result = _run(f"model={model}", "concept=world_nudity", "crt=none", "attack=ringabell", f"model.path={folder}",
+                  "model.max_prompts_per_set=2", "model.max_attack_targets=2", "attack.params.population=6",
+                  "attack.params.generations=2", "model.generation.steps=2", "model.generation.height=64",
+                  "model.generation.width=64", "+model.evaluator.handler=tests.runners.fakes.FakeEvaluator",
+                  "judge.from_concept=false", "+judge.handler=tests.runners.fakes.FakeJudge",
+                  f"store.root={tmp_path / 'store'}", f"results.dir={tmp_path / 'results'}",
+                  "metric.bootstrap.n_boot=50", "progress=false", f"hydra.run.dir={tmp_path / 'outputs'}",
+                  timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = list((tmp_path / "results" / "runs").glob("*.json"))
+    assert len(runs) == 1 and f"{model}__world_nudity__none__ringabell" in runs[0].name
