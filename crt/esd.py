@@ -29,6 +29,7 @@ from torch import nn
 
 from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext, TrainingState, edited_copy, replace_module
 from crt_bench import progress
+from crt_bench.backbone import UNET_FAMILY, Condition, concat, encode_text, unet_output
 from crt_bench.spec import Family
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -97,29 +98,30 @@ def ddpm_bin(scheduler: Any, k: int) -> tuple[int, int]:
     return lo, min(lo + stride, train_steps)
 
 
-def _eps(unet: nn.Module, latents: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor) -> torch.Tensor:
-    """The UNet's noise prediction in float32, inputs cast to the UNet's dtype."""
+def _eps(unet: nn.Module, latents: torch.Tensor, t: torch.Tensor | int, cond: Condition) -> torch.Tensor:
+    """The UNet's prediction in float32, inputs cast to the UNet's dtype (ESD's target is linear in the predictions,
+    so it holds for v-prediction models as it is)."""
     dtype = next(unet.parameters()).dtype
-    return unet(latents.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
+    return unet_output(unet, latents.to(dtype), t, cond).float()
 
 
 @torch.no_grad()
-def partial_ddim(unet: nn.Module, scheduler: Any, latents: torch.Tensor, k: int, cond: torch.Tensor,
-                 uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+def partial_ddim(unet: nn.Module, scheduler: Any, latents: torch.Tensor, k: int, cond: Condition,
+                 uncond: Condition, guidance: float) -> torch.Tensor:
     """The first ``k`` DDIM steps (classifier-free guidance) from ``latents``; ``scheduler`` has its timesteps set."""
     for t in scheduler.timesteps[:k]:
-        both = _eps(unet, torch.cat([latents, latents]), t, torch.cat([uncond, cond]))
+        both = _eps(unet, torch.cat([latents, latents]), t, concat([uncond, cond]))
         eps_u, eps_c = both.chunk(2)
         latents = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
     return latents
 
 
 @torch.no_grad()
-def esd_target(frozen: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+def esd_target(frozen: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Condition, uncond: Condition,
                eta: float, target: str = "new") -> torch.Tensor:
     """The frozen base UNet's target: ``first - eta * (eps_0(c) - eps_0(''))``, ``first`` = ``eps_0(c)`` (new code)
     or ``eps_0('')`` (old code)."""
-    both = _eps(frozen, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
+    both = _eps(frozen, torch.cat([x_t, x_t]), torch.cat([t, t]), concat([uncond, cond]))
     eps_u, eps_c = both.chunk(2)
     if target == "new":
         return eps_c - eta * (eps_c - eps_u)
@@ -134,8 +136,8 @@ class ESDBatch:
 
     x_t: torch.Tensor
     t: torch.Tensor
-    cond: torch.Tensor
-    uncond: torch.Tensor
+    cond: Condition
+    uncond: Condition
 
 
 def esd_loss(unet: nn.Module, frozen: nn.Module, batch: ESDBatch, eta: float, target: str = "new") -> torch.Tensor:
@@ -152,6 +154,7 @@ class ESD(CRT):
     exposes = OPEN_WEIGHTS  # an edit of a public model: its weights and the unerased base
     trains = "unet: attn2 (x) or Linear/Conv outside attn2 (u)"
     version = "2"  # 2: the target follows one official version (1 mixed the old first term with the new eta: 2 delta)
+    backbones = UNET_FAMILY
 
     def __init__(self, **params: Any):
         super().__init__(**params)
@@ -196,7 +199,7 @@ class ESD(CRT):
                 "sampling": "partial DDIM with the frozen base UNet (new official code)"}
         return Artifact(tensors=tensors, meta=meta)
 
-    def _batches(self, ctx: FitContext, cond: torch.Tensor, uncond: torch.Tensor,
+    def _batches(self, ctx: FitContext, cond: Condition, uncond: Condition,
                  gen: torch.Generator) -> Iterator[ESDBatch]:
         """Endless ESD examples: k uniform in 0..S-1, ``x_t`` after k DDIM steps, ``t`` uniform in k's DDPM bin."""
         cfg, pipe = self.config, ctx.pipe
@@ -222,9 +225,11 @@ class ESD(CRT):
         return DefendedModel(pipe=replace_module(pipe, "unet", unet), crt_name=self.name, exposes=self.exposes)
 
 
-def _encode(pipe: Any, texts: list[str], device: torch.device) -> torch.Tensor:
+def _encode(pipe: Any, texts: list[str], device: torch.device) -> Condition:
+    """The pipeline's own conditioning: token states on SD 1.x / 2.x, with the pooled embedding on SDXL."""
     with torch.no_grad():
-        return pipe.encode_prompt(texts, device, 1, False)[0]
+        cond = encode_text(pipe, texts)
+    return cond if cond.pooled is not None else cond.hidden.to(device)
 
 
 def _trainable_copy(frozen: nn.Module, cfg: ESDConfig) -> tuple[nn.Module, set[str]]:

@@ -106,18 +106,35 @@ def time_ids(height: int, width: int, batch: int, like: Any) -> Any:
     return ids.repeat(batch, 1)
 
 
-def unet_output(pipe: Any, unet: Any, latents: Any, timestep: Any, cond: TextConditioning, height: int | None = None,
-                width: int | None = None) -> Any:
+Condition = Any  # a (B, 77, width) tensor of token states (SD 1.x / 2.x), or a TextConditioning (any backbone)
+
+
+def hidden_of(cond: Condition) -> torch.Tensor:
+    return cond.hidden if isinstance(cond, TextConditioning) else cond
+
+
+def concat(conds: list[Condition]) -> Condition:
+    """Conditions stacked along the batch (classifier-free guidance's [uncond, cond]); tensors stay tensors."""
+    if not any(isinstance(c, TextConditioning) for c in conds):
+        return torch.cat(conds)
+    parts = [c if isinstance(c, TextConditioning) else TextConditioning(c) for c in conds]
+    pooled = [c.pooled for c in parts]
+    if any(p is None for p in pooled) and any(p is not None for p in pooled):
+        raise ValueError("cannot stack conditions with and without a pooled embedding")
+    return TextConditioning(torch.cat([c.hidden for c in parts]),
+                            None if pooled[0] is None else torch.cat(pooled))
+
+
+def unet_output(unet: Any, latents: torch.Tensor, timestep: Any, cond: Condition, vae_factor: int = 8) -> Any:
     """``unet``'s raw prediction (epsilon, or v on a v-prediction model) with whatever extra conditioning the
-    backbone needs; ``height``/``width`` in pixels (default: the latents' size times the VAE factor)."""
+    backbone needs: with a pooled embedding (SDXL) the added time ids of an image ``vae_factor`` times the latents'
+    size. On SD 1.x / 2.x this is exactly ``unet(latents, t, encoder_hidden_states=cond).sample``."""
     kwargs: dict[str, Any] = {}
-    if cond.pooled is not None:
-        factor = vae_factor(pipe)
-        h = height or latents.shape[-2] * factor
-        w = width or latents.shape[-1] * factor
+    if isinstance(cond, TextConditioning) and cond.pooled is not None:
+        h, w = latents.shape[-2] * vae_factor, latents.shape[-1] * vae_factor
         kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(latents.dtype),
                                        "time_ids": time_ids(h, w, latents.shape[0], latents)}
-    return unet(latents, timestep, encoder_hidden_states=cond.hidden.to(latents.dtype), **kwargs).sample
+    return unet(latents, timestep, encoder_hidden_states=hidden_of(cond).to(latents.dtype), **kwargs).sample
 
 
 def vae_factor(pipe: Any) -> int:

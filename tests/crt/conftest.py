@@ -120,6 +120,32 @@ def world(tmp_path_factory) -> Tiny:
     return Tiny("world", pipe, clip_dir, IMAGE_SIZE)
 
 
+def _shaped(folder: Path, kind: str) -> Tiny:
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    return Tiny(kind, pipe, Path(), 64)
+
+
+@pytest.fixture(scope="session")
+def sd21(sd21_shaped_folder) -> Tiny:
+    """SD 2.1-base's shapes (1024-wide text, pad '!'); no CLIP folder (filters test on sd14 and the world)."""
+    return _shaped(sd21_shaped_folder, "sd21")
+
+
+@pytest.fixture(scope="session")
+def sdxl(sdxl_shaped_folder) -> Tiny:
+    """SDXL's shapes (two text encoders, pooled embedding, time ids)."""
+    return _shaped(sdxl_shaped_folder, "sdxl")
+
+
+@pytest.fixture(params=["sd21", "sdxl"])
+def other_backbone(request) -> Tiny:
+    """The backbones beyond SD 1.x: a plug-in that declares them runs one short step on each."""
+    return request.getfixturevalue(request.param)
+
+
 @pytest.fixture(params=["sd14", "world"])
 def tiny(request) -> Tiny:
     """Every plug-in runs once on each shape."""

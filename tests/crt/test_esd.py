@@ -156,3 +156,19 @@ def test_fit_and_apply_change_only_the_declared_parameters(tiny, concept, method
     assert defended.crt_name == f"esd_{method}" and ESD.family is Family.WEIGHT_EDIT
     image = tiny.generate([concept.prompt_set("target")[0]], pipe=defended.pipe)[0]
     assert image.size == (tiny.size, tiny.size)
+
+
+@pytest.mark.parametrize("method", ["x", "u"])
+def test_fit_and_apply_on_sd21_and_sdxl(other_backbone, concept, method):
+    """SDXL's UNet refuses a call without the pooled embedding and time ids: the fit must pass them."""
+    pipe = other_backbone.pipe
+    before = state_snapshot(pipe.unet)
+    crt = ESD(method=method, iterations=1, ddim_steps=2, lr=1e-3)
+    artifact = crt.fit(FitContext(pipe=pipe, concept=concept, settings=other_backbone.settings,
+                                  generate=other_backbone.generate))
+    assert set(artifact.tensors) == set(trainable_names(pipe.unet, method))
+    assert not changed_keys(before, pipe.unet)
+    defended = crt.apply(pipe, artifact)
+    assert changed_keys(before, defended.pipe.unet) <= set(artifact.tensors)
+    assert other_backbone.generate([concept.prompt_set("target")[0]], pipe=defended.pipe)[0].size == (64, 64)
+    assert "sdxl" in ESD.backbones and "sd2" in ESD.backbones

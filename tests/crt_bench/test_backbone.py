@@ -13,6 +13,7 @@ from crt_bench.backbone import (
     TextConditioning,
     backbone_of,
     check_backbone,
+    concat,
     conditioning_encoder,
     encode_text,
     epsilon,
@@ -20,6 +21,7 @@ from crt_bench.backbone import (
     latent_scale,
     text_width,
     unet_output,
+    vae_factor,
 )
 from crt_bench.spec import HarnessError
 
@@ -87,7 +89,7 @@ def test_unet_output_equals_the_call_inside_the_pipeline(pipes, name):
     latents, timestep = args[0], args[1]
     with torch.no_grad():
         cond = encode_text(pipe, TEXTS[:1])
-        got = unet_output(pipe, pipe.unet, latents, timestep, cond)
+        got = unet_output(pipe.unet, latents, timestep, cond, vae_factor(pipe))
     torch.testing.assert_close(got, expected)
 
 
@@ -145,3 +147,12 @@ def test_the_conditioning_encoder_reads_ids_as_the_pipeline_encodes_text(pipes, 
     assert conditioning_encoder(pipe).config.hidden_size == text_width(pipe)
     if name != "sdxl":
         assert conditioning_encoder(pipe) is pipe.text_encoder
+
+
+def test_concat_keeps_tensors_tensors_and_stacks_pooled_embeddings():
+    a, b = torch.zeros(1, 3, 4), torch.ones(2, 3, 4)
+    assert torch.equal(concat([a, b]), torch.cat([a, b]))
+    both = concat([TextConditioning(a, torch.zeros(1, 5)), TextConditioning(b, torch.ones(2, 5))])
+    assert both.hidden.shape == (3, 3, 4) and torch.equal(both.pooled[1:], torch.ones(2, 5))
+    with pytest.raises(ValueError, match="pooled"):
+        concat([TextConditioning(a, torch.zeros(1, 5)), b])
