@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext, edited_copy, replace_module
+from crt_bench.backbone import UNET_FAMILY, conditioning_encoder
 from crt_bench.spec import Family
 
 
@@ -67,10 +68,11 @@ def kv_projections(unet: nn.Module) -> dict[str, nn.Linear]:
 
 @torch.no_grad()
 def token_states(pipe: Any, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
-    """Last hidden states (n, 77, width) of ``texts`` and, per text, the index of its last word token."""
+    """The token states cross-attention reads (n, 77, width; both encoders on SDXL) of ``texts`` and, per text, the
+    index of its last word token."""
     tok = pipe.tokenizer
     ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-    states = pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device)).last_hidden_state
+    states = conditioning_encoder(pipe)(ids.input_ids.to(pipe.text_encoder.device)).last_hidden_state
     last_word = [int(mask.sum()) - 2 for mask in ids.attention_mask]  # SOT for the empty prompt
     return states, last_word
 
@@ -109,6 +111,7 @@ class UCE(CRT):
     exposes = OPEN_WEIGHTS  # an edit of a public model: its weights and the unerased base
     trains = "unet: attn2.to_k, attn2.to_v (closed form)"
     version = "2"  # 2: uce_eot preserves '' as the old code does
+    backbones = UNET_FAMILY
 
     def __init__(self, **params: Any):
         super().__init__(**params)

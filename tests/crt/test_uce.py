@@ -138,3 +138,16 @@ def test_preserve_defaults_per_yaml():
     assert preserved_prompts(replace(old, preserve=["a", "b", "c"])) == (["", "a", "b", "c"], 0.25)
     assert preserved_prompts(replace(old, preserve=[str(i) for i in range(20)]))[1] == 0.1
     assert preserved_prompts(replace(new, preserve=["a"], preserve_scale=10.0)) == (["a"], 10.0)
+
+
+def test_fit_and_apply_on_sd21_and_sdxl(other_backbone, concept):
+    """The keys are the states cross-attention reads: 1024 wide on SD 2.1, both encoders (2048) on SDXL."""
+    pipe = other_backbone.pipe
+    before = state_snapshot(pipe.unet)
+    artifact = UCE().fit(FitContext(pipe=pipe, concept=concept, settings=other_backbone.settings,
+                                    generate=other_backbone.generate))
+    assert set(artifact.tensors) == {f"{n}.weight" for n in kv_projections(pipe.unet)}
+    assert artifact.meta["erase_residual_sum"]["after"] < artifact.meta["erase_residual_sum"]["before"]
+    assert not changed_keys(before, pipe.unet)
+    defended = UCE().apply(pipe, artifact)
+    assert other_backbone.generate([concept.prompt_set("target")[0]], pipe=defended.pipe)[0].size == (64, 64)
