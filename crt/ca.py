@@ -37,6 +37,7 @@ from torch import nn
 from crt.base import Artifact, FitContext, TrainingState, UNetEdit, pil_to_pixels
 from crt.esd import _autocast, _encode, _eps, _summarise
 from crt_bench import progress
+from crt_bench.backbone import UNET_FAMILY, concat, stack
 from crt_bench.spec import Family, PromptItem
 
 PARAMETER_GROUPS = ("cross-attn", "attn", "full-weight")
@@ -175,7 +176,7 @@ def ca_loss(unet: nn.Module, batch: CABatch, loss_type: str = "model-based",
     if batch.prior_x_t is None:
         return instance_mse(_eps(unet, batch.x_t, batch.t, batch.target_cond), goal, batch.mask)
     pred = _eps(unet, torch.cat([batch.x_t, batch.prior_x_t]), torch.cat([batch.t, batch.prior_t]),
-                torch.cat([batch.target_cond, batch.prior_cond]))
+                concat([batch.target_cond, batch.prior_cond]))
     prior = F.mse_loss(pred[n:], batch.prior_target)
     return instance_mse(pred[:n], goal, batch.mask) + prior_loss_weight * prior
 
@@ -200,6 +201,7 @@ class CA(UNetEdit):
     family = Family.WEIGHT_EDIT
     trains = "unet: attn2.to_k/to_v (cross-attn), q/k/v/out of every attention (attn) or all weights (full-weight)"
     version = "1"
+    backbones = UNET_FAMILY
     config_class = CAConfig
 
     def __init__(self, **params: Any):
@@ -298,7 +300,7 @@ class CA(UNetEdit):
                 x_t, t, target = self._noised(data, instance, scheduler, gen)
                 conds = [self._target_cond(data, data.prompt_of_image[i], gen) for i in instance.tolist()]
                 batch = CABatch(x_t=x_t.to(device), t=t.to(device), target=target.to(device),
-                                target_cond=torch.stack(conds),
+                                target_cond=stack(conds),
                                 anchor_cond=data.anchor_cond[[data.prompt_of_image[i] for i in instance.tolist()]])
                 if cfg.border_mask:
                     batch.mask = border_mask(x_t.shape).to(device)

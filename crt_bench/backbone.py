@@ -61,6 +61,9 @@ class TextConditioning:
     hidden: Any  # (B, 77, width)
     pooled: Any = None  # (B, 1280) on SDXL
 
+    def __getitem__(self, index: Any) -> TextConditioning:
+        return TextConditioning(self.hidden[index], None if self.pooled is None else self.pooled[index])
+
     def repeat(self, n: int) -> TextConditioning:
         pooled = None if self.pooled is None else self.pooled.repeat(n, 1)
         return TextConditioning(self.hidden.repeat(n, 1, 1), pooled)
@@ -123,6 +126,15 @@ def concat(conds: list[Condition]) -> Condition:
         raise ValueError("cannot stack conditions with and without a pooled embedding")
     return TextConditioning(torch.cat([c.hidden for c in parts]),
                             None if pooled[0] is None else torch.cat(pooled))
+
+
+def stack(conds: list[Condition]) -> Condition:
+    """Single conditions (no batch axis) stacked into a batch; tensors stay tensors."""
+    if not any(isinstance(c, TextConditioning) for c in conds):
+        return torch.stack(conds)
+    pooled = [c.pooled for c in conds]
+    return TextConditioning(torch.stack([c.hidden for c in conds]),
+                            None if pooled[0] is None else torch.stack(pooled))
 
 
 def unet_output(unet: Any, latents: torch.Tensor, timestep: Any, cond: Condition, vae_factor: int = 8) -> Any:

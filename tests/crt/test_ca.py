@@ -221,3 +221,17 @@ def test_yaml_defaults_build_both_variants():
     assert (noise_cfg["name"], noise_based.name, noise_based.config.loss_type) == ("ca_noise", "ca_noise",
                                                                                    "noise-based")
     assert set(ca_cfg["mini"]) <= set(ca_cfg["params"])
+
+
+def test_fit_and_apply_on_sd21_and_sdxl(other_backbone, concept):
+    """Batches of conditions keep SDXL's pooled embedding with its prompt (stacked, concatenated with the prior)."""
+    pipe = other_backbone.pipe
+    before = state_snapshot(pipe.unet)
+    crt = CA(num_anchor_images=2, max_train_steps=1, batch_size=2, lr=1e-3, scale_lr=False,
+             with_prior_preservation=True)
+    artifact = crt.fit(FitContext(pipe=pipe, concept=concept, settings=other_backbone.settings,
+                                  generate=other_backbone.generate))
+    assert set(artifact.tensors) == set(trainable_names(pipe.unet, "cross-attn"))
+    assert not changed_keys(before, pipe.unet)
+    defended = crt.apply(pipe, artifact)
+    assert other_backbone.generate([concept.prompt_set("target")[0]], pipe=defended.pipe)[0].size == (64, 64)
