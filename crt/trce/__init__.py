@@ -32,6 +32,7 @@ from crt.trce.stage2 import (
     trainable_copy,
 )
 from crt.uce import token_states
+from crt_bench.backbone import ONLY_SD1, UNET_FAMILY
 from crt_bench.spec import Family
 
 STAGE1_FIELDS = {f.name for f in fields(Stage1Config)}
@@ -63,6 +64,7 @@ class TRCEStage1(UNetEdit):
     family = Family.CLOSED_FORM_EDIT
     trains = "unet: attn2.to_k, attn2.to_v (closed form)"
     version = "1"
+    backbones = UNET_FAMILY  # on SD 2.x / SDXL position 76 is the '!' padding state, not an [EoT] copy
     config_class = Stage1Config
 
     def __init__(self, **params: Any):
@@ -88,6 +90,7 @@ class TRCE(TRCEStage1):
     family = Family.WEIGHT_EDIT
     trains = "unet: attn2.to_k, attn2.to_v (closed form), then attn1 and attn2.to_q (fine-tuning)"
     version = "1"
+    backbones = ONLY_SD1  # stage 2's sampling loop is SD 1.x's
 
     def __init__(self, **params: Any):
         CRT.__init__(self, **params)

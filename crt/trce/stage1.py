@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from crt.uce import kv_projections, token_states
+from crt_bench.backbone import text_width
 from crt_bench.spec import ConceptSpec
 
 # The first 15 of the official 'object' augmentation templates (augment_num 15 in stage1_sexual_default.yaml).
@@ -179,7 +180,7 @@ def preserve_captions(cfg: Stage1Config, concept: ConceptSpec) -> tuple[list[str
 @torch.no_grad()
 def preservation_gram(pipe: Any, captions: Sequence[str], dtype: torch.dtype, batch: int = 64) -> torch.Tensor:
     """C2 = sum of c c^T over all 77 token states of every caption (MACE-style cache; C1 = W_old C2)."""
-    width = pipe.text_encoder.config.hidden_size
+    width = text_width(pipe)
     gram = torch.zeros(width, width, dtype=dtype, device=pipe.text_encoder.device)
     for i in range(0, len(captions), batch):
         states = token_states(pipe, list(captions[i:i + batch]))[0].flatten(0, 1).to(dtype)

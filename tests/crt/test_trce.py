@@ -296,3 +296,17 @@ def test_trce_fit_and_apply_change_only_the_declared_parameters(sd14, concept, p
     assert defended.crt_name == ("trce_parity" if parity else "trce") and TRCE.family is Family.WEIGHT_EDIT
     image = sd14.generate([concept.prompt_set("target")[0]], pipe=defended.pipe)[0]
     assert image.size == (sd14.size, sd14.size)
+
+
+def test_stage1_fit_and_apply_on_sd21_and_sdxl(other_backbone, concept):
+    """The preservation cache and the keys have the width cross-attention reads (2048 on SDXL's two encoders)."""
+    pipe = other_backbone.pipe
+    before = state_snapshot(pipe.unet)
+    crt = TRCEStage1(templates=["{}"], preserve_set="finetune_acceptable")
+    artifact = crt.fit(FitContext(pipe=pipe, concept=concept, settings=other_backbone.settings,
+                                  generate=other_backbone.generate))
+    assert set(artifact.tensors) == {f"{name}.weight" for name in kv_projections(pipe.unet)}
+    assert not changed_keys(before, pipe.unet)
+    defended = crt.apply(pipe, artifact)
+    assert other_backbone.generate([concept.prompt_set("target")[0]], pipe=defended.pipe)[0].size == (64, 64)
+    assert "sdxl" not in TRCE.backbones
