@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crt.base import Artifact, FitContext, UNetEdit, replace_module
+from crt_bench.backbone import UNET_FAMILY
 from crt_bench.spec import Family
 
 FFN_OUT = "ff.net.2"
@@ -155,6 +156,7 @@ class ConceptPrune(UNetEdit):
     family = Family.WEIGHT_EDIT
     trains = "nothing (training-free): zeroes entries of unet ff.net.2 weights"
     version = "1"
+    backbones = UNET_FAMILY  # it samples through the backbone's own pipeline and hooks its FFNs
     config_class = ConceptPruneConfig
 
     def __init__(self, **params: Any):

@@ -199,3 +199,16 @@ def test_yaml_params_are_the_config_and_mini_overrides_known_keys():
     assert ConceptPruneConfig().target_set == "finetune_unacceptable"
     with pytest.raises(ValueError):
         ConceptPrune(tau=0)
+
+
+def test_fit_and_apply_on_sd21_and_sdxl(other_backbone, concept):
+    """With the run's sampler (scheduler null): PNDM built from SDXL's Euler config takes PRK steps and fails."""
+    pipe = other_backbone.pipe
+    before = state_snapshot(pipe.unet)
+    crt = ConceptPrune(skill_ratio=0.05, tau=2, steps=3, guidance=7.5, scheduler=None, batch_size=2)
+    artifact = crt.fit(FitContext(pipe=pipe, concept=concept, settings=other_backbone.settings,
+                                  generate=other_backbone.generate))
+    assert set(artifact.tensors) == {f"{n}.weight" for n in ffn_out_layers(pipe.unet)}
+    assert artifact.meta["pruned_weights"] > 0 and not changed_keys(before, pipe.unet)
+    defended = crt.apply(pipe, artifact)
+    assert changed_keys(before, defended.pipe.unet) == {n for n, m in artifact.tensors.items() if m.any()}
