@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 
 from attacks.base import ALWAYS_AVAILABLE, Attack, IncompatibleAttack, check_compatible
 from crt.base import CRT, DefendedModel
+from crt_bench.backbone import BACKBONES
 from runners import registry
 from runners.registry import CONF_DIR, available
 
@@ -73,6 +74,7 @@ class Catalog:
     matrix: list[Cell]
     attack_labels: list[str]
     no_adaptive: dict[str, str]  # attack -> why it has no adaptive variant
+    backbones: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)  # group -> option -> backbones
 
 
 # -- reading conf/ -------------------------------------------------------------------------------------------------
@@ -261,7 +263,7 @@ def model_entries(conf_dir: Path) -> list[Entry]:
     for name in available("model", conf_dir):
         cfg = compose_option("model", name, conf_dir)["model"]
         gen = cfg.get("generation") or {}
-        family = f"{cfg.get('pipeline_class')} {gen.get('height')}x{gen.get('width')}"
+        family = f"{cfg.get('backbone', 'sd1')}: {cfg.get('pipeline_class')} {gen.get('height')}x{gen.get('width')}"
         defaults = {"path": cfg.get("path"), "dtype": cfg.get("dtype"), "scheduler": gen.get("scheduler"),
                     "steps": gen.get("steps"), "guidance": gen.get("guidance"), "seed": gen.get("seed"),
                     "evaluator": cfg.get("evaluator")}
@@ -277,7 +279,9 @@ def build_catalog(conf_dir: Path = CONF_DIR) -> Catalog:
                "concept": concept_entries(conf_dir), "judge": judge_entries(conf_dir),
                "model": model_entries(conf_dir)}
     matrix = compatibility({name: crt for name, (_, crt) in crts.items()}, variants)
-    return Catalog(entries, matrix, list(variants), no_adaptive)
+    backbones = {"crt": {name: tuple(sorted(crt.backbones)) for name, (_, crt) in crts.items()},
+                 "attack": {name: tuple(sorted(attack.backbones)) for name, (_, attack) in attacks.items()}}
+    return Catalog(entries, matrix, list(variants), no_adaptive, backbones)
 
 
 # -- rendering -----------------------------------------------------------------------------------------------------
@@ -323,6 +327,19 @@ def matrix_markdown(catalog: Catalog) -> list[str]:
     return lines + [""]
 
 
+def support_markdown(catalog: Catalog) -> list[str]:
+    """Plug-in x backbone: what each CRT and attack declares (``backbones``); the runner refuses the rest up front."""
+    lines = ["## Support: plug-in x backbone", "",
+             "Declared by each plug-in (`backbones`) and checked before any work; `model=sd14`/`sd15`/`mini` are sd1, "
+             "`model=sd21`/`sd21_768` sd2, `model=sdxl` sdxl. Transformer backbones (SD 3, FLUX) are refused.", "",
+             "| plug-in | kind | " + " | ".join(BACKBONES) + " |", "|---|---|" + "---|" * len(BACKBONES)]
+    for group in ("crt", "attack"):
+        for name, supported in catalog.backbones.get(group, {}).items():
+            marks = ["yes" if b in supported else "—" for b in BACKBONES]
+            lines.append(f"| {name} | {group} | " + " | ".join(marks) + " |")
+    return lines + [""]
+
+
 def render(catalog: Catalog) -> str:
     lines = ["# Catalogue", "", "From conf/ and the plug-in classes (`python -m runners.catalog`). Defaults are the "
              "`params` of each YAML; on the miniature world (`model=mini`) the `mini:` block overrides them, and a "
@@ -330,6 +347,7 @@ def render(catalog: Catalog) -> str:
     for group in GROUPS:
         lines += entries_markdown(group, catalog.entries[group])
     lines += matrix_markdown(catalog)
+    lines += support_markdown(catalog)
     return "\n".join(lines)
 
 
@@ -337,8 +355,13 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m runners.catalog [--json]``: list the plug-ins and print the compatibility matrix."""
     parser = argparse.ArgumentParser(prog="python -m runners.catalog", description=main.__doc__)
     parser.add_argument("--json", action="store_true", help="print the catalogue as JSON instead of Markdown")
+    parser.add_argument("--backbones", action="store_true", help="print only the plug-in x backbone support matrix "
+                        "(the README's table)")
     args = parser.parse_args(argv)
     catalog = build_catalog()
+    if args.backbones:
+        print("\n".join(support_markdown(catalog)[2:]).strip())
+        return
     print(json.dumps(asdict(catalog), indent=1, default=str) if args.json else render(catalog))
 
 

@@ -207,4 +207,20 @@ def test_concept_and_model_entries_from_a_conf_folder(tmp_path: Path):
         "real", "prompts from owner/repo", {"unacceptable": "downloaded"}, "per-plug-in protocol: esd_x")
     (model,) = model_entries(tmp_path)
     assert (model.family, model.defaults["steps"], model.notes) == (
-        "StableDiffusionPipeline 32x32", 3, "A tiny model.")
+        "sd1: StableDiffusionPipeline 32x32", 3, "A tiny model.")
+
+
+def test_support_matrix_is_what_each_plugin_declares(built: dict[str, Any]):
+    from runners.catalog import Catalog, support_markdown
+
+    backbones = {"crt": {n: tuple(sorted(c.backbones)) for n, (_, c) in built["crts"].items()},
+                 "attack": {n: tuple(sorted(a.backbones)) for n, (_, a) in built["attacks"].items()}}
+    rows = {line.split(" | ")[0].strip("| ") + "/" + line.split(" | ")[1]: line.split(" | ")[2:]
+            for line in support_markdown(Catalog({}, [], [], {}, backbones)) if line.startswith("| ")
+            and not line.startswith("| plug-in")}
+    assert rows["esd_x/crt"] == ["yes", "yes", "yes |"]
+    assert rows["esd_x/crt"] != rows["trce/crt"] and rows["trce/crt"] == ["yes", "—", "— |"]
+    assert len(rows) == len(built["crts"]) + len(built["attacks"])
+    for group, options in backbones.items():
+        for name, supported in options.items():
+            assert rows[f"{name}/{group}"][0] == ("yes" if "sd1" in supported else "—")
