@@ -15,15 +15,16 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 
 from crt.base import DefendedModel
+from crt.guidance import Conditions, step_of_timestep
 from crt_bench import progress
 from crt_bench.backbone import ONLY_SD1
-from crt_bench.spec import Access, ConceptSpec, GenerationSettings, PromptItem
+from crt_bench.spec import SCHEDULERS, Access, ConceptSpec, GenerationSettings, PromptItem
 
 # What no CRT can withhold: the base model's text encoder is public (SD v1.4's is OpenAI's CLIP), a judge is the
 # attacker's own tool (a public classifier such as NudeNet), and a deployed system answers the prompts sent to it.
@@ -159,6 +160,66 @@ def reference_per_target(ctx: AttackContext, targets: Sequence[PromptItem]) -> l
     references = ctx.reference_images(list(targets))
     per = max(len(references) // max(len(targets), 1), 1)
     return [references[i * per] for i in range(len(targets))]
+
+
+def defended_noise(ctx: AttackContext, latents: torch.Tensor, timestep: torch.Tensor,
+                   cond: torch.Tensor, guidance_scale: float | Sequence[float] | None = None) -> torch.Tensor:
+    """The defended system's noise prediction for noised ``latents`` (B, 4, h, w) at ``timestep`` (B,) under the
+    text condition ``cond`` (B, 77, width), differentiable in ``cond``.
+
+    Without a sampling-loop defence (``defended.guidance`` None) it is the deployed UNet's conditional prediction,
+    exactly what the white-box attacks always differentiated. With one (SLD, SAFREE) it is that defence's noise for
+    the step, made by the very object the sampling loop uses (:mod:`crt.guidance`): the unconditional branch is the
+    deployed one (the defence's negative prompt, else the run's, else ""), the CFG scale the target's
+    (``guidance_scale``, one or one per row; default the run's), and the loop state fresh, at the deployed step
+    whose timestep is nearest each row's (``crt.guidance.step_of_timestep``). Rows are grouped by timestep and
+    scale, so a batch of mixed noise levels gets each row's own step."""
+    defended, pipe = ctx.defended, ctx.defended.pipe
+    if defended.guidance is None:
+        return pipe.unet(latents.to(pipe.unet.dtype), timestep, encoder_hidden_states=cond.to(pipe.unet.dtype)).sample
+    rows = latents.shape[0]
+    timesteps = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(rows)
+    default = float(ctx.settings.guidance)
+    scales = ([default if guidance_scale is None else float(guidance_scale)] * rows
+              if guidance_scale is None or isinstance(guidance_scale, (int, float)) else
+              [float(s) for s in guidance_scale])
+    negative = defended.negative_prompt if defended.negative_prompt is not None else ctx.settings.negative_prompt
+    uncond = _encoded_text(pipe, negative or "").to(cond.device, cond.dtype)
+    sampler = _deployed_sampler(pipe, ctx.settings.scheduler)
+    groups: dict[tuple[float, float], list[int]] = {}
+    for i in range(rows):
+        groups.setdefault((float(timesteps[i]), scales[i]), []).append(i)
+    out: list[torch.Tensor | None] = [None] * rows
+    for (_, scale), index in groups.items():
+        at = torch.tensor(index, device=latents.device)
+        t = timesteps[at]
+        conditions = Conditions(cond=cond[at], uncond=uncond.expand(len(index), -1, -1), scale=scale)
+        state = defended.guidance.begin(pipe, conditions)
+        step = replace(step_of_timestep(sampler, ctx.settings.steps, t[0]), timestep=t)
+        pred = defended.guidance.noise(pipe.unet, latents[at], step, conditions, state)
+        for j, i in enumerate(index):
+            out[i] = pred[j:j + 1]
+    return torch.cat(out)  # type: ignore[arg-type]
+
+
+def defended_unet_calls(defended: DefendedModel) -> int:
+    """UNet forward passes one :func:`defended_noise` row costs (cost accounting)."""
+    return 1 if defended.guidance is None else int(getattr(defended.guidance, "unet_calls", 1))
+
+
+def _encoded_text(pipe: Any, text: str) -> torch.Tensor:
+    """(1, 77, width): ``text`` through ``pipe``'s text encoder, padded as the pipelines pad; no gradient."""
+    ids = pipe.tokenizer([text], padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+
+
+def _deployed_sampler(pipe: Any, name: str) -> Any:
+    """The sampler the runner generates with (``settings.scheduler`` over the model's noise schedule)."""
+    import diffusers
+
+    return getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
 
 
 class IncompatibleAttack(ValueError):

@@ -32,7 +32,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, Timer
+from attacks.base import (
+    AdversarialPrompt,
+    Attack,
+    AttackContext,
+    AttackCost,
+    Timer,
+    defended_noise,
+    defended_unet_calls,
+)
 from attacks.unlearndiffatk import decoded_x0, encode_embeds, resize_center
 from crt.base import pil_to_pixels
 from crt_bench import progress
@@ -113,12 +121,17 @@ def initial_row(text_encoder: Any, tokenizer: Any, word: str) -> tuple[torch.Ten
 
 
 def denoising_loss(pipe: Any, noise_schedule: Any, row: torch.Tensor, table: torch.Tensor, ids: torch.Tensor,
-                   new_id: int, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The textual-inversion loss through ``pipe``'s text encoder and UNet; also the noisy latents and prediction."""
+                   new_id: int, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   ctx: AttackContext | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The textual-inversion loss through ``pipe``'s text encoder and UNet; also the noisy latents and prediction.
+    With ``ctx``, the prediction is the defended system's (:func:`attacks.base.defended_noise`: a sampling-loop
+    defence's guided noise when it has one)."""
     cond = encode_embeds(pipe.text_encoder, token_embeds(table, row, ids, new_id).to(pipe.text_encoder.dtype))
     noisy = noise_schedule.add_noise(latents, noise, t)
-    pred = pipe.unet(noisy.to(pipe.unet.dtype), t, encoder_hidden_states=cond.to(pipe.unet.dtype)).sample.float()
+    if ctx is None:
+        pred = pipe.unet(noisy.to(pipe.unet.dtype), t, encoder_hidden_states=cond.to(pipe.unet.dtype)).sample.float()
+    else:
+        pred = defended_noise(ctx, noisy, t, cond).float()
     kind = noise_schedule.config.prediction_type
     if kind == "epsilon":
         target = noise
@@ -173,7 +186,8 @@ class CCE(Attack):
         if self.adaptive and ctx.defended.filter is None:
             raise ValueError("CCE+ needs a defended model with a filter")
         pipe = ctx.defended.pipe
-        key = (id(pipe.unet), id(pipe.text_encoder), id(ctx.defended.filter), ctx.concept.key, ctx.seed)
+        key = (id(pipe.unet), id(pipe.text_encoder), id(ctx.defended.filter), id(ctx.defended.guidance),
+               ctx.concept.key, ctx.seed)
         trained_now = key not in self._tokens
         if trained_now:
             self._tokens[key] = self._learn(ctx)
@@ -281,14 +295,14 @@ class CCE(Attack):
                     chosen = torch.randint(len(templates), (len(picked),), generator=gen).tolist()
                     ids = torch.stack([templates[c] for c in chosen]).to(table.device)
                     loss, noisy, pred = denoising_loss(pipe, noise_schedule, row, table, ids, new_id, latents, noise,
-                                                       t)
+                                                       t, ctx)
                     if self.adaptive:
                         term = self._filter_term(ctx, noise_schedule, noisy, pred, t)
                         filter_terms.append(float(term.detach()))
                         loss = loss + cfg.adaptive_lambda * term
                     # the row only: the deployed modules are shared and receive no gradients
                     (g,) = torch.autograd.grad(loss * (loss_scale / cfg.grad_accum), [row])
-                    cost.forward += 1
+                    cost.forward += defended_unet_calls(ctx.defended)
                     cost.backward += 1
                     if not torch.isfinite(g).all():
                         skipped += 1

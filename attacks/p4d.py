@@ -52,6 +52,8 @@ from attacks.base import (
     Attack,
     AttackContext,
     AttackCost,
+    defended_noise,
+    defended_unet_calls,
     reference_per_target,
     require_context,
     search_each,
@@ -285,22 +287,31 @@ class _Matcher:
         cond = encode_embeds(safe.text_encoder, embeds.to(safe.text_encoder.dtype))
         timestep = torch.tensor([t], device=p.latent.device, dtype=torch.long)
         z_t = self.noise.add_noise(p.latent, eps, timestep)
-        pred = safe.unet(z_t.to(safe.unet.dtype), timestep, encoder_hidden_states=cond.to(safe.unet.dtype)).sample
-        self.passes["defended_unet_forward"] += 1
-        if p.negative_cond is not None:  # the defence's own guidance is part of the defended prediction
-            with torch.no_grad():
-                neg = safe.unet(z_t.to(safe.unet.dtype), timestep,
-                                encoder_hidden_states=p.negative_cond.to(safe.unet.dtype)).sample
-            self.passes["defended_unet_forward"] += 1
-            pred = neg + p.guidance * (pred - neg)
+        pred, calls = self._defended(z_t, timestep, cond)
+        self.passes["defended_unet_forward"] += calls
         with torch.no_grad():
             target = base.unet(z_t.to(base.unet.dtype), timestep,
                                encoder_hidden_states=p.sd_cond.to(base.unet.dtype)).sample
         self.passes["unerased_unet_forward"] += 1
         self.passes["defended_unet_backward"] += 1
-        self.cost.forward += 2 + (p.negative_cond is not None)
+        self.cost.forward += 1 + calls
         self.cost.backward += 1
         return F.mse_loss(pred.float(), target.float())
+
+    def _defended(self, z_t: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The defended prediction and the UNet passes it took: a sampling-loop defence's guided noise
+        (:func:`attacks.base.defended_noise`); else the conditional prediction, CFG'd with the defence's negative
+        prompt when it guides with one."""
+        ctx, p, safe = self.ctx, self.problem, self.ctx.defended.pipe
+        if ctx.defended.guidance is not None:
+            return defended_noise(ctx, z_t, timestep, cond, p.guidance), defended_unet_calls(ctx.defended)
+        pred = defended_noise(ctx, z_t, timestep, cond)  # the deployed UNet's conditional prediction
+        if p.negative_cond is None:
+            return pred, 1
+        with torch.no_grad():
+            neg = safe.unet(z_t.to(safe.unet.dtype), timestep,
+                            encoder_hidden_states=p.negative_cond.to(safe.unet.dtype)).sample
+        return neg + p.guidance * (pred - neg), 2
 
 
 def _condition(pipe: Any, text: str) -> torch.Tensor:

@@ -39,6 +39,8 @@ from attacks.base import (
     Attack,
     AttackContext,
     AttackCost,
+    defended_noise,
+    defended_unet_calls,
     reference_per_target,
     require_context,
 )
@@ -354,7 +356,9 @@ class UnlearnDiffAtk(Attack):
         eps = torch.cat(noises)
         timestep = torch.full((len(searches),), t, device=device, dtype=torch.long)
         z_t = noise_schedule.add_noise(torch.cat([s.problem.latent for s in searches]), eps, timestep)
-        pred = pipe.unet(z_t.to(pipe.unet.dtype), timestep, encoder_hidden_states=cond.to(pipe.unet.dtype)).sample
+        scales = [float(s.problem.target.guidance if s.problem.target.guidance is not None else ctx.settings.guidance)
+                  for s in searches]
+        pred = defended_noise(ctx, z_t, timestep, cond, scales)  # a sampling-loop defence's guided noise, if any
         losses = [F.mse_loss(pred[i:i + 1].float(), eps[i:i + 1]) for i in range(len(searches))]
         if self.adaptive:
             alpha_bar = noise_schedule.alphas_cumprod[t].to(device)
@@ -367,6 +371,6 @@ class UnlearnDiffAtk(Attack):
             search.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 search.u.copy_(project_simplex(search.u, cfg.simplex_tol))
-            search.cost.forward += 1
+            search.cost.forward += defended_unet_calls(ctx.defended)
             search.cost.backward += 1
         return [loss.item() for loss in losses]

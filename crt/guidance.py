@@ -62,6 +62,7 @@ class Guidance(ABC):
     """A sampling-loop defence (the value of ``DefendedModel.guidance``)."""
 
     name: ClassVar[str]
+    unet_calls: ClassVar[int] = 2  # UNet predictions per step with CFG on (cost accounting of attacks)
 
     def begin(self, pipe: Any, conditions: Conditions) -> Any:
         """The state of one sampling run, made before its first step (None: the guidance keeps none)."""
