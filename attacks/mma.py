@@ -42,6 +42,7 @@ from attacks.sneakyprompt import concept_sensitive_words
 from attacks.tokens import tokenize, trim
 from attacks.unlearndiffatk import encode_embeds
 from crt_bench import progress
+from crt_bench.backbone import UNET_FAMILY, encoder_parts
 from crt_bench.spec import Access, PromptItem
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -174,6 +175,7 @@ class MMADiffusion(Attack):
     reconstruction = "our own code (the release's licence forbids derivatives); sensitive words from the concept"
     output = "text"
     version = "1"
+    backbones = UNET_FAMILY  # transfer through the model's text encoders: both of SDXL's (pooled states averaged)
     no_adaptive = "MMA-Diffusion's text attack has no adaptive variant in this harness (attacks.md §8)"
 
     def __init__(self, adaptive: bool = False, **params: Any):
@@ -226,14 +228,16 @@ class MMADiffusion(Attack):
         eot = tok.eos_token_id
         length = min(cfg.control_length, tok.model_max_length - 2)
         gen = torch.Generator().manual_seed(cfg.seed + ctx.seed)
-        goal = pooled(encoder, tokenize(tok, [target.text]), eot)[0]
+        parts = encoder_parts(encoder)  # SDXL: both encoders, the loss averaged over them
+        goals = [pooled(part, tokenize(tok, [target.text]), eot)[0] for part in parts]
         cost.forward += 1
         control = self.initial_control(tok, mask, gen)[:length]
         text = decode(tok, control.tolist())
 
         def losses_of(texts: list[str]) -> torch.Tensor:
             ids = tokenize(tok, texts)
-            out = torch.cat([cosine_loss(pooled(encoder, ids[i:i + cfg.encode_batch], eot), goal).cpu()
+            out = torch.cat([torch.stack([cosine_loss(pooled(part, ids[i:i + cfg.encode_batch], eot), goal).cpu()
+                                          for part, goal in zip(parts, goals)]).mean(0)
                              for i in range(0, len(ids), cfg.encode_batch)])
             cost.forward += len(texts)
             return out
@@ -246,7 +250,8 @@ class MMADiffusion(Attack):
         history, valid = [], []
         for step in range(1, cfg.iterations + 1):
             ids = tokenize(tok, [text])[0]
-            grad = token_gradients(encoder, ids, length, goal, eot)
+            grad = torch.stack([token_gradients(part, ids, length, goal, eot)
+                                for part, goal in zip(parts, goals)]).mean(0)
             cost.forward += 1
             cost.backward += 1
             control, text, loss, n_valid = gcg_step(control, text, grad, mask, cfg, gen, check, losses_of)

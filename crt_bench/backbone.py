@@ -221,3 +221,9 @@ class StackedTextEncoder(torch.nn.Module):
         b = self.second(input_ids.masked_fill(after_end, self.second_pad_id), output_hidden_states=True)
         return SimpleNamespace(last_hidden_state=torch.cat([a.hidden_states[-2], b.hidden_states[-2]], dim=-1),
                                pooler_output=b[0])
+
+
+def encoder_parts(encoder: Any) -> list[Any]:
+    """The text encoders behind a conditioning encoder: SDXL's two (each read on its own, e.g. its pooled output),
+    otherwise the one."""
+    return [encoder.first, encoder.second] if isinstance(encoder, StackedTextEncoder) else [encoder]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.crt.conftest import concept, sd14, tiny, world  # noqa: F401
+from tests.crt.conftest import concept, other_backbone, sd14, sd21, sdxl, tiny, world  # noqa: F401
 from world.tokenizer import bytes_to_unicode
 
 WORLD_TOKENIZER = Path(__file__).resolve().parents[2] / "world" / "weights" / "pipeline" / "tokenizer"
