@@ -33,7 +33,7 @@ from crt_bench.backbone import SD1, check_backbone, conditioning_encoder
 from runners import concepts, registry
 from runners.concepts import SourceFetcher, concept_spec, items_from_json, items_to_json, prompt_sets
 from runners.generate import Counters, ImageMaker, ImageRecord, ImageRequest, System, base_system
-from runners.models import HarnessError, ModelHandle, PipelineCache, numerics_versions
+from runners.models import HarnessError, ModelHandle, PipelineCache, numerics_versions, set_scheduler
 from runners.scoring import Scorer
 from runners.spec import Access, ConceptSpec, Family, GenerationSettings, PromptItem
 from runners.store import Store, key_of
@@ -218,9 +218,12 @@ def concept_identity(run: Run) -> dict[str, Any]:
 
 def artifact_spec(run: Run) -> dict[str, Any]:
     """What the artifact's key is taken over: known before anything is fitted."""
-    return {"product": "artifact", "model": run.model.identity, "crt": run.crt.identity(),
+    spec = {"product": "artifact", "model": run.model.identity, "crt": run.crt.identity(),
             "concept": concept_identity(run), "settings": asdict(run.settings), "seed": run.seed,
             "numerics": numerics_versions()}
+    if getattr(run.crt, "uses_validation_rate", False):
+        spec["validation"] = validation_identity(run)
+    return spec
 
 
 def checkpoint_interval(cfg: dict[str, Any]) -> int:
@@ -237,6 +240,40 @@ def fit_checkpoints(run: Run, artifact_key: str) -> FitCheckpoints:
     return FitCheckpoints(folder=run.store.root / CHECKPOINTS / artifact_key, every=checkpoint_interval(run.cfg))
 
 
+VALIDATION_SET = "validation"
+
+
+def validation_identity(run: Run) -> dict[str, Any]:
+    """What a CRT's checkpoint selection on ``FitContext.validation_rate`` depends on, for the artifact's key of a
+    CRT whose ``uses_validation_rate`` is true: the judge's config (the judge itself is built only when the fit asks
+    for a rate) and the validation prompts (set name and the key of its items)."""
+    items = run.concept.prompts.get(VALIDATION_SET, ())
+    return {"judge": judge_config(run), "prompt_set": VALIDATION_SET,
+            "prompts": key_of([asdict(item) for item in items])}
+
+
+def validation_rate(run: Run) -> Callable[[Any], float] | None:
+    """``pipe -> the run judge's positive rate`` on the concept's ``validation`` prompts (every image per prompt of
+    the generation settings) rendered by ``pipe``; None when the concept has no such set.
+
+    The images are rendered unstored (``ImageMaker.sample_unstored``, the same seeds and sampler as the stored
+    ones): the pipes a fit asks about are candidates that no artifact key names yet, the rates land in the
+    artifact's meta, and the judge is built on the first call only."""
+    items = run.concept.prompts.get(VALIDATION_SET)
+    if not items:
+        return None
+
+    def rate(pipe: Any) -> float:
+        judge = ensure_judge(run)
+        set_scheduler(pipe, run.settings.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        images = run.maker.sample_unstored(pipe, run.maker.requests(items), run.settings.negative_prompt)
+        verdicts = judge.judge(images)
+        return sum(bool(v.positive) for v in verdicts) / len(verdicts)
+
+    return rate
+
+
 def stage_fit(run: Run) -> None:
     """Fit the CRT once per (model, CRT identity, concept prompts, settings, seed); the artifact is stored. A fit
     killed mid-way resumes from its last checkpoint, which is deleted once the artifact is stored."""
@@ -248,7 +285,8 @@ def stage_fit(run: Run) -> None:
         log.info("fitting %s on %s", run.crt.name, run.concept.key)
         ctx = FitContext(pipe=run.model.pipe, concept=run.concept, settings=run.settings,
                          generate=lambda items: run.maker.delivered_images(run.base, list(items), "fit"),
-                         device=run.model.device, seed=run.seed, checkpoints=checkpoints)
+                         device=run.model.device, seed=run.seed, checkpoints=checkpoints,
+                         validation_rate=validation_rate(run))
         try:
             with progress.bar(f"fit {run.crt.name}", unit="step", enabled=run.maker.progress):
                 artifact = run.crt.fit(ctx)
