@@ -13,6 +13,10 @@ The loop follows diffusers' ``StableDiffusionPipelineSafe`` operation for operat
 are diffusers' ``SafetyConfig`` (the paper's Table). Safety guidance is off, as there, when CFG is off
 (guidance scale <= 1) or s_S <= 1. The default safety concept is the paper's text (I2P's categories).
 
+``warmup_reference_steps: N`` reads the warm-up as a count for an N-step loop and rescales it to the deployed loop
+(``round(delta * steps / N)``), so it ends at the same noise level (the world samples 25 steps; the presets were set
+for SD's 50); null keeps the paper's absolute count.
+
 ``parity: unlearndiffatk`` replays UnlearnDiffAtk's own SLD (``src/tasks/classifier_.py``): s_S = 200 for the weak
 preset and the warm-up tested on the timestep value (``t >= delta``) instead of the step index, which applies the
 safety term from the first step. The default is the paper's / diffusers' behaviour.
@@ -89,10 +93,14 @@ class SafeLatentGuidance(Guidance):
     name = "sld"
     unet_calls = 3  # eps_0, eps_p, eps_S
 
-    def __init__(self, config: SLDConfig, safety_concept: str, warmup_by: str = "step"):
+    def __init__(self, config: SLDConfig, safety_concept: str, warmup_by: str = "step",
+                 warmup_reference_steps: int | None = None):
         if warmup_by not in ("step", "timestep"):
             raise ValueError(f"SLD: warmup_by must be 'step' or 'timestep', not {warmup_by!r}")
+        if warmup_reference_steps is not None and (warmup_by != "step" or warmup_reference_steps <= 0):
+            raise ValueError("SLD: warmup_reference_steps is a positive step count, for a warm-up counted in steps")
         self.config, self.safety_concept, self.warmup_by = config, safety_concept, warmup_by
+        self.warmup_reference_steps = warmup_reference_steps
         self._encoded: tuple[Any, torch.Tensor] | None = None  # (text encoder, its encoding of the safety concept)
 
     @property
@@ -114,11 +122,17 @@ class SafeLatentGuidance(Guidance):
         safety = self.safety_condition(pipe).to(conditions.cond.device, conditions.cond.dtype)
         return SLDState(safety=safety.repeat(conditions.cond.shape[0], 1, 1))
 
+    def warmup(self, total: int) -> int:
+        """The warm-up in steps of a ``total``-step loop: the paper's count, or rescaled from the reference loop."""
+        if self.warmup_reference_steps is None:
+            return self.config.warmup_steps
+        return int(self.config.warmup_steps * total / self.warmup_reference_steps + 0.5)
+
     def active(self, step: Step) -> bool:
         """Past the warm-up: the step index (paper, diffusers) or the timestep value (UnlearnDiffAtk's parity)."""
         if self.warmup_by == "timestep":
             return float(torch.as_tensor(step.timestep).flatten()[0]) >= self.config.warmup_steps
-        return step.index >= self.config.warmup_steps
+        return step.index >= self.warmup(step.total)
 
     def noise(self, unet: Any, latents: torch.Tensor, step: Step, conditions: Conditions, state: SLDState
               ) -> torch.Tensor:
@@ -163,10 +177,14 @@ class SLD(CRT):
 
     def __init__(self, preset: str = "medium", safety_concept: str = SAFETY_CONCEPT_DEFAULT,
                  guidance_scale: float | None = None, warmup_steps: int | None = None, threshold: float | None = None,
-                 momentum_scale: float | None = None, momentum_beta: float | None = None, parity: str | None = None):
+                 momentum_scale: float | None = None, momentum_beta: float | None = None,
+                 warmup_reference_steps: int | None = None, parity: str | None = None):
         super().__init__(preset=preset, safety_concept=safety_concept, guidance_scale=guidance_scale,
                          warmup_steps=warmup_steps, threshold=threshold, momentum_scale=momentum_scale,
-                         momentum_beta=momentum_beta, parity=parity)
+                         momentum_beta=momentum_beta, warmup_reference_steps=warmup_reference_steps, parity=parity)
+        if warmup_reference_steps is not None and parity == "unlearndiffatk":
+            raise ValueError("SLD: UnlearnDiffAtk's parity compares the warm-up with the timestep; it has no "
+                             "reference loop (warmup_reference_steps must be null)")
         self.config = resolve_config(preset, parity, dict(
             guidance_scale=guidance_scale, warmup_steps=warmup_steps, threshold=threshold,
             momentum_scale=momentum_scale, momentum_beta=momentum_beta))
@@ -182,10 +200,12 @@ class SLD(CRT):
     def fit(self, ctx: FitContext) -> Artifact:
         """Nothing is trained: the artifact records the resolved safety concept and hyper-parameters."""
         return Artifact(meta={"safety_concept": self.safety_text(ctx.concept.c_u), "config": asdict(self.config),
-                              "warmup_by": "timestep" if self.parity == "unlearndiffatk" else "step"})
+                              "warmup_by": "timestep" if self.parity == "unlearndiffatk" else "step",
+                              "warmup_reference_steps": self.params["warmup_reference_steps"]})
 
     def apply(self, pipe: Any, artifact: Artifact) -> DefendedModel:
         meta = artifact.meta
-        guidance = SafeLatentGuidance(SLDConfig(**meta["config"]), meta["safety_concept"], meta["warmup_by"])
+        guidance = SafeLatentGuidance(SLDConfig(**meta["config"]), meta["safety_concept"], meta["warmup_by"],
+                                      meta.get("warmup_reference_steps"))
         return DefendedModel(pipe=GuidedPipeline.around(pipe, guidance), crt_name=self.name, exposes=self.exposes,
                              guidance=guidance)

@@ -100,6 +100,13 @@ def test_presets_and_parity():
     assert guidance.active(Step(0, torch.tensor(981), 50)) and not guidance.active(Step(49, torch.tensor(1), 50))
     assert not SafeLatentGuidance(PRESETS["medium"], "x").active(Step(9, torch.tensor(801), 50))
     assert SLD(preset="strong").name == "sld_strong" and SLD().name == "sld"
+    rescaled = {p: SafeLatentGuidance(c, "x", warmup_reference_steps=50).warmup(25) for p, c in PRESETS.items()}
+    assert rescaled == {"weak": 8, "medium": 5, "strong": 4, "max": 0}  # 15, 10, 7, 0 of 50 at 25 steps
+    assert SafeLatentGuidance(PRESETS["medium"], "x", warmup_reference_steps=50).warmup(50) == 10
+    medium25 = SafeLatentGuidance(PRESETS["medium"], "x", warmup_reference_steps=50)
+    assert not medium25.active(Step(4, torch.tensor(801), 25)) and medium25.active(Step(5, torch.tensor(761), 25))
+    with pytest.raises(ValueError, match="reference"):
+        SLD(parity="unlearndiffatk", warmup_reference_steps=50)
 
 
 # -- parity with diffusers' StableDiffusionPipelineSafe ---------------------------------------------------------
