@@ -126,9 +126,9 @@ class SAFREE(CRT):
         "world concepts: keywords = c_u + words mined from the concept's finetune prompt sets")
 
     def __init__(self, **params: Any):
-        if isinstance(params.get("skip_scales"), list):
-            params["skip_scales"] = tuple(params["skip_scales"])
         super().__init__(**params)
+        if isinstance(params.get("skip_scales"), list):  # YAML lists; self.params keeps them as configured
+            params = {**params, "skip_scales": tuple(params["skip_scales"])}
         self.config = SafreeConfig(**params)
         if self.config.reweighting not in REWEIGHT_MODES:
             raise ValueError(f"SAFREE reweighting must be one of {REWEIGHT_MODES}, got {self.config.reweighting!r}")
