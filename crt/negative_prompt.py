@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext
+from crt_bench.backbone import UNET_FAMILY
 from crt_bench.spec import Access, Family
 
 
@@ -24,6 +25,7 @@ class NegativePrompt(CRT):
     family: ClassVar[Family] = Family.GUIDANCE
     exposes: ClassVar[frozenset[Access]] = OPEN_WEIGHTS  # the public SD weights, unchanged
     trains: ClassVar[str] = "nothing (a negative prompt)"
+    backbones: ClassVar[frozenset[str]] = UNET_FAMILY  # every pipeline takes negative_prompt
 
     def __init__(self, text: str | None = None):
         super().__init__(text=text)

@@ -31,6 +31,7 @@ from torch import nn
 from crt.base import Artifact, FitContext, UNetEdit, replace_module
 from crt.uce import UCE, kv_projections, preserve_keys, token_states, uce_closed_form
 from crt_bench import progress
+from crt_bench.backbone import UNET_FAMILY
 from crt_bench.spec import Family
 
 ADVERSARIAL_MODES = ("close_regzero", "close_standardreg", "close_surrogatereg")
@@ -135,6 +136,7 @@ class RECE(UNetEdit):
     family = Family.CLOSED_FORM_EDIT
     trains = "unet: attn2.to_k, attn2.to_v (closed form, from a UCE edit)"
     config_class = RECEConfig
+    backbones = UNET_FAMILY  # its keys are the states cross-attention reads (crt.uce.token_states)
     reconstruction = (
         "the UCE start is computed with the old UCE code's settings (the official loads its released checkpoint); "
         "select=validation uses the harness's judge on the concept's `validation` prompts (official: NudeNet > 0.6 "

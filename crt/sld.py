@@ -36,6 +36,7 @@ import torch
 
 from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext
 from crt.guidance import Conditions, Guidance, GuidedPipeline, Step, branches, unet_noise
+from crt_bench.backbone import SD1, SD2
 from crt_bench.spec import Access, Family
 
 # The paper's default safety concept (diffusers' StableDiffusionPipelineSafe, ml-research/safe-latent-diffusion).
@@ -170,6 +171,8 @@ class SLD(CRT):
     family: ClassVar[Family] = Family.GUIDANCE
     exposes: ClassVar[frozenset[Access]] = OPEN_WEIGHTS  # SD v1.4 is public and SLD adds no weights
     trains: ClassVar[str] = "nothing (a sampling-loop guidance)"
+    backbones: ClassVar[frozenset[str]] = frozenset({SD1, SD2})  # GuidedPipeline is SD 1.x / 2.x's loop; SDXL's
+    # added conditioning is not in it yet
     reconstruction: ClassVar[str | None] = (
         "white-box attacks differentiate the SLD-guided noise of one step: momentum 0 (fresh loop state) and the "
         "warm-up judged by the index of the deployed step nearest the attacked timestep; the paper defines SLD "

@@ -70,3 +70,17 @@ def test_generation_is_cfg_with_the_concept_as_unconditional_branch(tiny, concep
         by_hand = ((image / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(defended_images, by_hand, rtol=0, atol=2e-3)  # separate vs batched UNet calls
     assert np.abs(defended_images - base_images).max() > 1e-3
+
+
+def test_generation_on_sd21_and_sdxl_changes_with_the_negative_prompt(other_backbone, concept):
+    crt = NegativePrompt()
+    defended = crt.apply(other_backbone.pipe, _fit(crt, other_backbone, concept))
+    item = concept.prompt_set("target")[0]
+
+    def image(negative: str | None):
+        gen = torch.Generator().manual_seed(0)
+        return np.asarray(other_backbone.pipe(item.text, negative_prompt=negative, num_inference_steps=2,
+                                              height=64, width=64, generator=gen).images[0], dtype=float)
+
+    assert np.abs(image(defended.negative_prompt) - image(None)).max() > 0
+    assert "sdxl" in NegativePrompt.backbones

@@ -183,3 +183,14 @@ def test_yaml_defaults_are_the_official_nudity_recipe():
     assert c.start == {"tokens": "all", "preserve_empty": True, "preserve_scale": None, "lamb": 0.5,
                        "erase_scale": 1.0}
     assert set(cfg["mini"] or {}) <= set(cfg["params"])
+
+
+def test_fit_and_apply_on_sd21_and_sdxl(other_backbone, concept):
+    pipe = other_backbone.pipe
+    before = state_snapshot(pipe.unet)
+    crt = RECE(epochs=1, select="last")
+    artifact = crt.fit(_ctx(other_backbone, concept))
+    assert set(artifact.tensors) == {f"{n}.weight" for n in kv_projections(pipe.unet)}
+    assert not changed_keys(before, pipe.unet)
+    defended = crt.apply(pipe, artifact)
+    assert other_backbone.generate(list(concept.prompts["target"])[:1], defended.pipe)[0].size == (64, 64)

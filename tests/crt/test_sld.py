@@ -279,3 +279,13 @@ def test_unlearndiffatk_runs_one_step_against_sld(world, concept):
     assert generated and all(p is defended.pipe for p in generated)  # judged through SLD's sampling loop
     assert not changed_keys(unet_before, pipe.unet)
     assert all(p.grad is None for p in pipe.unet.parameters())
+
+
+def test_fit_and_apply_on_sd21_and_refused_on_sdxl(sd21, concept):
+    crt = SLD(preset="max", safety_concept="concept")
+    defended = crt.apply(sd21.pipe, crt.fit(FitContext(pipe=sd21.pipe, concept=concept, settings=sd21.settings,
+                                                       generate=sd21.generate)))
+    target = list(concept.prompt_set("target"))[:1]
+    base, guarded = sd21.generate(target)[0], sd21.generate(target, pipe=defended.pipe)[0]
+    assert np.abs(np.asarray(base, dtype=float) - np.asarray(guarded, dtype=float)).max() > 0
+    assert "sd2" in SLD.backbones and "sdxl" not in SLD.backbones
