@@ -583,6 +583,74 @@ def plan_shielddiff(sizer: Sizer, crt: str, params: dict[str, Any]) -> Estimate:
                     [sampling, training])
 
 
+def plan_rece(sizer: Sizer, crt: str, params: dict[str, Any]) -> Estimate:
+    """UCE's closed form, then per epoch a closed-form adversarial embedding and another edit; with ``select:
+    validation`` each epoch's candidate UNet renders the validation prompts beside the base pipeline."""
+    closed = plan_closed_form(sizer, crt, params)
+    phases = list(closed.fit)
+    if params.get("select", "validation") == "validation":
+        phases.append(Phase("validation renders of each epoch's candidate", {
+            **sizer.pipeline(), "candidate UNet": sizer.unet_copy(sizer.setting.dtype)}, sizer.generation))
+    return Estimate(crt, "UNet attn2.to_k/to_v, closed form from a UCE edit (no gradients)", 0, closed.edited,
+                    closed.inference, phases)
+
+
+def plan_guided(rows: int, what: str, extra: Callable[[Sizer], dict[str, int]] | None = None
+                ) -> Callable[[Sizer, str, dict[str, Any]], Estimate]:
+    """A sampling-loop defence: ``rows`` UNet rows per image and step (CFG 2, SLD 3: prompt, empty, safety concept;
+    SAFREE 3 on its projected steps: empty, projected and original prompt), no weights changed."""
+
+    def plan(sizer: Sizer, crt: str, params: dict[str, Any]) -> Estimate:
+        s = sizer.setting
+        unet = sizer.networks.build("unet", s.dtype)
+        b = rows * s.batch
+        with torch.no_grad():
+            step = traced_peak(lambda: unet(s.latents(b, s.dtype), s.timesteps(b),
+                                            encoder_hidden_states=s.text(b, s.dtype)))
+        phase = Phase("generation", {**sizer.pipeline(), **(extra(sizer) if extra else {})},
+                      max(step, sizer.decode(1 if s.vae_slicing else s.batch)))
+        return Estimate(crt, what, 0, 0, phase)
+
+    return plan
+
+
+def plan_filter_clip(what: str) -> Callable[[Sizer, str, dict[str, Any]], Estimate]:
+    """A post-hoc filter on a CLIP ViT-L/14 vision tower beside the pipeline (SD's safety checker, Unsafe Diffusion's
+    heads on OpenCLIP ViT-L/14 image features: the same tower's size); nothing is trained on the real path."""
+
+    def plan(sizer: Sizer, crt: str, params: dict[str, Any]) -> Estimate:
+        clip = clip_model("openai/clip-vit-large-patch14")
+        vision = numel(clip.vision_model) + numel(clip.visual_projection)
+
+        def screen() -> None:
+            images = torch.zeros(sizer.setting.batch, 3, 224, 224, device="meta")
+            with torch.no_grad():
+                clip.visual_projection(clip.vision_model(pixel_values=images).pooler_output)
+
+        return Estimate(crt, what, 0, 0, sizer.inference({"filter CLIP ViT-L/14 vision tower (fp32)":
+                                                          vision * FP32_BYTES}, traced_peak(screen)))
+
+    return plan
+
+
+def plan_mace(sizer: Sizer, crt: str, params: dict[str, Any]) -> Estimate:
+    """Closed-form refinement and fusion of attn2.to_k/to_v; in between one rank-1 LoRA per concept trained through
+    a float32 UNet copy (its attention-map loss traced here as a backward of one batch-1 UNet call)."""
+    from crt.uce import kv_projections
+
+    s = sizer.setting
+    closed = plan_closed_form(sizer, crt, params)
+    unet, names = sizer.trainable_unet(lambda u: [f"{n}.weight" for n in kv_projections(u)])
+    lora = sum(2 * (m.in_features + m.out_features) for m in kv_projections(unet).values())  # rank 1: A and B
+    step = traced_peak(lambda: unet(s.latents(1), s.timesteps(1), encoder_hidden_states=s.text(1)).sample.sum()
+                       .backward())
+    training = Phase("rank-1 LoRA training, batch 1", {**sizer.pipeline(),
+                     "UNet copy (fp32)": sizer.unet_copy(torch.float32), **adam_states(lora)}, step)
+    return Estimate(crt, "UNet attn2.to_k/to_v: closed form, LoRAs (AdamW), closed-form fusion", lora,
+                    closed.edited, closed.inference, [*closed.fit, Phase("training images", sizer.pipeline(),
+                                                                        sizer.generation), training])
+
+
 PLANS: dict[str, Callable[[Sizer, str, dict[str, Any]], Estimate]] = {
     "crt.none.NoCRT": plan_none,
     "crt.espresso.Espresso": plan_espresso,
@@ -594,6 +662,13 @@ PLANS: dict[str, Callable[[Sizer, str, dict[str, Any]], Estimate]] = {
     "crt.trce.TRCE": plan_trce,
     "crt.conceptprune.ConceptPrune": plan_conceptprune,
     "crt.shielddiff.ShieldDiff": plan_shielddiff,
+    "crt.rece.RECE": plan_rece,
+    "crt.mace.MACE": plan_mace,
+    "crt.negative_prompt.NegativePrompt": plan_guided(2, "nothing (a negative prompt)"),
+    "crt.sld.SLD": plan_guided(3, "nothing (SLD guidance: 3 UNet rows per image and step)"),
+    "crt.safree.SAFREE": plan_guided(3, "nothing (SAFREE: projected, original and empty rows on its projected steps)"),
+    "crt.sd_safety_checker.SDSafetyChecker": plan_filter_clip("nothing (SD's safety checker beside the pipeline)"),
+    "crt.unsafe_diffusion.UnsafeDiffusion": plan_filter_clip("nothing (Unsafe Diffusion's heads on CLIP ViT-L/14)"),
 }
 
 

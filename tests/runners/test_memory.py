@@ -102,3 +102,22 @@ def test_the_table_labels_every_row_as_estimated(sizer):
     assert none.fit_peak is None and esd.inference.peak > none.inference.peak  # the defended UNet copy
     sliced = Sizer(sizer.networks, Setting(dtype=torch.float16, batch=8, height=512, width=512, vae_slicing=True))
     assert sliced.generation < sizer.generation  # one image through the VAE decoder at a time
+
+
+@pytest.mark.parametrize("name", ["rece", "mace", "negative_prompt", "sld", "safree", "sd_safety_checker",
+                                  "unsafe_diffusion"])
+def test_the_baselines_plans_size_what_they_hold(sizer, name):
+    """Guards hold nothing beyond the pipeline; SLD's three UNet rows need more than CFG's two once the VAE decode
+    (8 images at once) no longer dominates; a filter adds its CLIP tower; RECE's validation renders hold a candidate
+    UNet; MACE trains rank-1 factors only."""
+    row, none, negative = estimate(name, sizer), estimate("none", sizer), estimate("negative_prompt", sizer)
+    if name in ("sld", "safree"):
+        sliced = Sizer(sizer.networks, Setting(dtype=torch.float16, batch=8, height=512, width=512, vae_slicing=True))
+        assert row.inference.peak >= negative.inference.peak and row.fit_peak is None
+        assert estimate(name, sliced).inference.peak > estimate("negative_prompt", sliced).inference.peak
+    if name in ("sd_safety_checker", "unsafe_diffusion"):
+        assert row.inference.peak > none.inference.peak and row.trained == 0
+    if name == "rece":
+        assert row.fit_peak is not None and row.trained == 0 and row.edited > 0
+    if name == "mace":
+        assert 0 < row.trained < row.edited / 100
