@@ -75,6 +75,7 @@ class Catalog:
     attack_labels: list[str]
     no_adaptive: dict[str, str]  # attack -> why it has no adaptive variant
     backbones: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)  # group -> option -> backbones
+    reconstruction: dict[str, str | None] = field(default_factory=dict)  # CRT -> what its class says is rebuilt
 
 
 # -- reading conf/ -------------------------------------------------------------------------------------------------
@@ -281,7 +282,8 @@ def build_catalog(conf_dir: Path = CONF_DIR) -> Catalog:
     matrix = compatibility({name: crt for name, (_, crt) in crts.items()}, variants)
     backbones = {"crt": {name: tuple(sorted(crt.backbones)) for name, (_, crt) in crts.items()},
                  "attack": {name: tuple(sorted(attack.backbones)) for name, (_, attack) in attacks.items()}}
-    return Catalog(entries, matrix, list(variants), no_adaptive, backbones)
+    reconstruction = {name: crt.reconstruction for name, (_, crt) in crts.items()}
+    return Catalog(entries, matrix, list(variants), no_adaptive, backbones, reconstruction)
 
 
 # -- rendering -----------------------------------------------------------------------------------------------------
@@ -340,6 +342,17 @@ def support_markdown(catalog: Catalog) -> list[str]:
     return lines + [""]
 
 
+def crt_table_markdown(catalog: Catalog) -> list[str]:
+    """The README's CRT table: family, paper, backbones and, in the class's own words, what is reconstructed."""
+    lines = ["| CRT | family | paper | backbones | reconstructed |", "|---|---|---|---|---|"]
+    for e in catalog.entries["crt"]:
+        rebuilt = catalog.reconstruction.get(e.name)
+        cells = [f"`{e.name}`", e.family, e.paper or "—", ", ".join(catalog.backbones.get("crt", {}).get(e.name, ())),
+                 f"yes: {rebuilt}" if rebuilt else "no (the paper and its official code)"]
+        lines.append("| " + " | ".join(_escape(c) for c in cells) + " |")
+    return lines
+
+
 def render(catalog: Catalog) -> str:
     lines = ["# Catalogue", "", "From conf/ and the plug-in classes (`python -m runners.catalog`). Defaults are the "
              "`params` of each YAML; on the miniature world (`model=mini`) the `mini:` block overrides them, and a "
@@ -357,10 +370,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print the catalogue as JSON instead of Markdown")
     parser.add_argument("--backbones", action="store_true", help="print only the plug-in x backbone support matrix "
                         "(the README's table)")
+    parser.add_argument("--crts", action="store_true", help="print only the CRT table (family, paper, backbones, "
+                        "what is reconstructed; the README's table)")
     args = parser.parse_args(argv)
     catalog = build_catalog()
     if args.backbones:
         print("\n".join(support_markdown(catalog)[2:]).strip())
+        return
+    if args.crts:
+        print("\n".join(crt_table_markdown(catalog)))
         return
     print(json.dumps(asdict(catalog), indent=1, default=str) if args.json else render(catalog))
 

@@ -224,3 +224,15 @@ def test_support_matrix_is_what_each_plugin_declares(built: dict[str, Any]):
     for group, options in backbones.items():
         for name, supported in options.items():
             assert rows[f"{name}/{group}"][0] == ("yes" if "sd1" in supported else "—")
+
+
+def test_crt_table_says_what_each_class_says_is_reconstructed(built: dict[str, Any]):
+    from runners.catalog import build_catalog, crt_table_markdown
+
+    catalog = build_catalog()
+    rows = {line.split(" | ")[0].strip("| `"): line.split(" | ")[-1].removesuffix(" |")
+            for line in crt_table_markdown(catalog)[2:]}
+    assert set(rows) == set(built["crts"])
+    for name, (_, crt) in built["crts"].items():
+        expected = f"yes: {crt.reconstruction}" if crt.reconstruction else "no (the paper and its official code)"
+        assert rows[name] == expected.replace("|", "\\|"), name
