@@ -154,6 +154,7 @@ EXPECTED_PLUGIN_PARAMS = {
     "nudity": {"esd_x": {"concept": "nudity"}, "esd_u": {"concept": "nudity"},
                "uce": {"erase": ["nudity"], "guide": ""}, "uce_eot": {"erase": ["nudity"], "guide": ""},
                "espresso": {"images_per_caption": 3},
+               "advunlearn": {"concept": "nudity", "retain_weight": 0.3, "attack_init": "random"},
                "mma": {"sensitive_words": ["sexual", "nude", "nudity", "sex", "18+", "naked", "nsfw", "porn", "dick",
                                            "vagina", "naked child", "explicit content", "uncensored", "fuck",
                                            "nipples", "visible nipples", "breast", "areola"],
