@@ -651,6 +651,74 @@ def plan_mace(sizer: Sizer, crt: str, params: dict[str, Any]) -> Estimate:
                                                                         sizer.generation), training])
 
 
+def plan_unet_finetune(select: Callable[[nn.Module, dict[str, Any]], list[str]], what: str, batch: int = 1,
+                       teacher_copies: int = 0, per_parameter_fp32: int = 0, frozen_unets: int = 0
+                       ) -> Callable[[Sizer, str, dict[str, Any]], Estimate]:
+    """A UNet fine-tune with AdamW: a float32 copy with the parameters ``select`` names trained, ``teacher_copies``
+    float32 copies of those parameters (SDD's EMA teacher), ``per_parameter_fp32`` more float32 values per trained
+    parameter (SA's Fisher diagonal and anchor), ``frozen_unets`` frozen UNets in the pipeline dtype beside it;
+    a step traced as the backward of one ``batch``-row UNet call."""
+
+    def plan(sizer: Sizer, crt: str, params: dict[str, Any]) -> Estimate:
+        s = sizer.setting
+        unet, names = sizer.trainable_unet(lambda u: select(u, params))
+        trained = numel(unet, names)
+        resident = {**sizer.pipeline(), "trained UNet copy (fp32)": sizer.unet_copy(torch.float32),
+                    **adam_states(trained)}
+        if teacher_copies:
+            resident["teacher copies of the trained parameters (fp32)"] = teacher_copies * trained * FP32_BYTES
+        if per_parameter_fp32:
+            resident["per-parameter statistics (fp32)"] = per_parameter_fp32 * trained * FP32_BYTES
+        if frozen_unets:
+            resident["frozen UNets"] = frozen_unets * sizer.unet_copy(s.dtype)
+        step = traced_peak(lambda: unet(s.latents(batch), s.timesteps(batch), encoder_hidden_states=s.text(batch))
+                           .sample.sum().backward())
+        return Estimate(crt, f"UNet: {what} (AdamW, batch {batch})", trained, trained,
+                        sizer.inference({"defended UNet": sizer.unet_copy(s.dtype)}),
+                        [Phase("images and latents from the base model", sizer.pipeline(), sizer.generation),
+                         Phase(f"training, batch {batch}", resident, step)])
+
+    return plan
+
+
+def plan_advunlearn(sizer: Sizer, crt: str, params: dict[str, Any]) -> Estimate:
+    """A float32 copy of the text encoder trained with Adam through the frozen pipeline UNet (the ESD target needs
+    the base UNet twice, without gradients); a step traced as the unlearning row plus the 5 retain rows."""
+    from crt.advunlearn import trainable_names
+
+    s = sizer.setting
+    encoder = sizer.networks.build("text_encoder", torch.float32)
+    names = set(trainable_names(encoder, params.get("train_method", "text_encoder_full")))
+    for name, parameter in encoder.named_parameters():
+        parameter.requires_grad_(name in names)
+    unet = sizer.networks.build("unet", s.dtype)
+    trained = numel(encoder, names)
+    rows = 1 + int(params.get("retain_batch", 5))
+
+    def step() -> None:
+        ids = torch.zeros(rows, TEXT_TOKENS, dtype=torch.long, device="meta")
+        hidden = encoder(ids)[0].to(s.dtype)
+        unet(s.latents(rows, s.dtype), s.timesteps(rows), encoder_hidden_states=hidden).sample.float().sum().backward()
+
+    resident = {**sizer.pipeline(), "trained text encoder copy (fp32)": sizer.counts["text_encoder"] * FP32_BYTES,
+                **adam_states(trained)}
+    return Estimate(crt, "the whole text encoder (Adam), the UNet frozen", trained, trained,
+                    sizer.inference({"defended text encoder": sizer.counts["text_encoder"] * s.dtype_bytes}),
+                    [Phase(f"training, 1 + {rows - 1} retain rows", resident, traced_peak(step))])
+
+
+def _sdd_names(unet: nn.Module, params: dict[str, Any]) -> list[str]:
+    from crt.sdd import trainable_names
+
+    return trainable_names(unet, params.get("finetuning_method", "xattn"))
+
+
+def _fmn_names(unet: nn.Module, params: dict[str, Any]) -> list[str]:
+    from crt.fmn import trainable_names
+
+    return trainable_names(unet, bool(params.get("only_optimize_ca", False)))
+
+
 PLANS: dict[str, Callable[[Sizer, str, dict[str, Any]], Estimate]] = {
     "crt.none.NoCRT": plan_none,
     "crt.espresso.Espresso": plan_espresso,
@@ -669,6 +737,10 @@ PLANS: dict[str, Callable[[Sizer, str, dict[str, Any]], Estimate]] = {
     "crt.safree.SAFREE": plan_guided(3, "nothing (SAFREE: projected, original and empty rows on its projected steps)"),
     "crt.sd_safety_checker.SDSafetyChecker": plan_filter_clip("nothing (SD's safety checker beside the pipeline)"),
     "crt.unsafe_diffusion.UnsafeDiffusion": plan_filter_clip("nothing (Unsafe Diffusion's heads on CLIP ViT-L/14)"),
+    "crt.sdd.SDD": plan_unet_finetune(_sdd_names, "the finetuning_method's parameters, an EMA teacher beside",
+                                      teacher_copies=1),
+    "crt.fmn.FMN": plan_unet_finetune(_fmn_names, "attention re-steering of the UNet (full by default)"),
+    "crt.advunlearn.AdvUnlearn": plan_advunlearn,
 }
 
 
