@@ -713,6 +713,18 @@ def _sdd_names(unet: nn.Module, params: dict[str, Any]) -> list[str]:
     return trainable_names(unet, params.get("finetuning_method", "xattn"))
 
 
+def _sa_names(unet: nn.Module, params: dict[str, Any]) -> list[str]:
+    from crt.sa import trainable_names
+
+    return trainable_names(unet, params.get("train_method", "noxattn"))
+
+
+def _safegen_names(unet: nn.Module, params: dict[str, Any]) -> list[str]:
+    from crt.safegen import trainable_names
+
+    return trainable_names(unet)
+
+
 def _fmn_names(unet: nn.Module, params: dict[str, Any]) -> list[str]:
     from crt.fmn import trainable_names
 
@@ -741,6 +753,11 @@ PLANS: dict[str, Callable[[Sizer, str, dict[str, Any]], Estimate]] = {
                                       teacher_copies=1),
     "crt.fmn.FMN": plan_unet_finetune(_fmn_names, "attention re-steering of the UNet (full by default)"),
     "crt.advunlearn.AdvUnlearn": plan_advunlearn,
+    "crt.sa.SA": plan_unet_finetune(_sa_names, "everything but attn2, time embedding and output layers; Fisher "
+                                    "diagonal and anchor weights beside (the Fisher's backward on 50 rows)",
+                                    batch=50, per_parameter_fp32=2),
+    "crt.safegen.SafeGen": plan_unet_finetune(_safegen_names, "attn1 only, an EMA copy beside", batch=2,
+                                              teacher_copies=1),
 }
 
 

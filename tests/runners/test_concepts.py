@@ -155,6 +155,7 @@ EXPECTED_PLUGIN_PARAMS = {
                "uce": {"erase": ["nudity"], "guide": ""}, "uce_eot": {"erase": ["nudity"], "guide": ""},
                "espresso": {"images_per_caption": 3}, "rece": {"erase": ["nudity"], "guide": ""},
                "mace": {"concepts": ["nudity", "naked", "erotic", "sexual"], "mapping": "a person wearing clothes"},
+               "sa": {"forget_prompt": "sexual, nudity, naked, erotic", "surrogate_prompt": "a person wearing clothes"},
                "advunlearn": {"concept": "nudity", "retain_weight": 0.3, "attack_init": "random"},
                "mma": {"sensitive_words": ["sexual", "nude", "nudity", "sex", "18+", "naked", "nsfw", "porn", "dick",
                                            "vagina", "naked child", "explicit content", "uncensored", "fuck",

@@ -105,7 +105,7 @@ def test_the_table_labels_every_row_as_estimated(sizer):
 
 
 @pytest.mark.parametrize("name", ["rece", "mace", "negative_prompt", "sld", "safree", "sd_safety_checker",
-                                  "unsafe_diffusion", "sdd", "fmn", "advunlearn"])
+                                  "unsafe_diffusion", "sdd", "fmn", "advunlearn", "sa", "safegen"])
 def test_the_baselines_plans_size_what_they_hold(sizer, name):
     """Guards hold nothing beyond the pipeline; SLD's three UNet rows need more than CFG's two once the VAE decode
     (8 images at once) no longer dominates; a filter adds its CLIP tower; RECE's validation renders hold a candidate
@@ -121,6 +121,10 @@ def test_the_baselines_plans_size_what_they_hold(sizer, name):
         assert row.fit_peak is not None and row.trained == 0 and row.edited > 0
     if name == "mace":
         assert 0 < row.trained < row.edited / 100
+    if name == "sa":  # the Fisher diagonal and the anchor: two more fp32 values per trained parameter
+        assert row.fit_peak.resident["per-parameter statistics (fp32)"] == 2 * row.trained * 4
+    if name == "safegen":
+        assert 0 < row.trained < estimate("esd_x", sizer).trained * 2
     if name in ("sdd", "fmn"):  # SDD trains attn2 only but keeps an EMA teacher; FMN trains the whole UNet
         esd_x = estimate("esd_x", sizer)
         assert row.fit_peak.peak > none.inference.peak and (row.trained == esd_x.trained) == (name == "sdd")
