@@ -23,8 +23,15 @@ import torch
 from crt.base import DefendedModel
 from crt.guidance import Conditions, step_of_timestep
 from crt_bench import progress
-from crt_bench.backbone import ONLY_SD1
-from crt_bench.spec import SCHEDULERS, Access, ConceptSpec, GenerationSettings, PromptItem
+from crt_bench.backbone import ONLY_SD1, Condition, TextConditioning, unet_output, vae_factor
+from crt_bench.spec import (
+    SCHEDULERS,
+    Access,
+    ConceptSpec,
+    GenerationSettings,
+    HarnessError,
+    PromptItem,
+)
 
 # What no CRT can withhold: the base model's text encoder is public (SD v1.4's is OpenAI's CLIP), a judge is the
 # attacker's own tool (a public classifier such as NudeNet), and a deployed system answers the prompts sent to it.
@@ -57,6 +64,8 @@ class AdversarialPrompt:
     target: PromptItem
     text: str | None = None
     embedding: torch.Tensor | None = None  # (77, width) prompt embedding when the output is soft
+    pooled: torch.Tensor | None = None  # the pooled embedding that goes with ``embedding`` on SDXL (its UNet reads
+    # both; (1280,)); None on SD 1.x / 2.x and for text
     cost: AttackCost = field(default_factory=AttackCost)
     succeeded_during_search: bool | None = None  # what the oracle said, when one was used
     log: dict[str, Any] = field(default_factory=dict)
@@ -162,10 +171,15 @@ def reference_per_target(ctx: AttackContext, targets: Sequence[PromptItem]) -> l
     return [references[i * per] for i in range(len(targets))]
 
 
-def defended_noise(ctx: AttackContext, latents: torch.Tensor, timestep: torch.Tensor,
-                   cond: torch.Tensor, guidance_scale: float | Sequence[float] | None = None) -> torch.Tensor:
-    """The defended system's noise prediction for noised ``latents`` (B, 4, h, w) at ``timestep`` (B,) under the
-    text condition ``cond`` (B, 77, width), differentiable in ``cond``.
+def defended_noise(ctx: AttackContext, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition,
+                   guidance_scale: float | Sequence[float] | None = None,
+                   prompt_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The defended system's prediction for noised ``latents`` (B, 4, h, w) at ``timestep`` (B,) under the text
+    condition ``cond``, differentiable in ``cond``: (B, 77, width) token states, or a
+    :class:`crt_bench.backbone.TextConditioning` (SDXL's carries its pooled embedding, and the UNet gets SDXL's time
+    ids for an image of the latents' size). It is in the model's own output space: the noise, or v on a
+    v-prediction model (compare it with :func:`prediction_target`, or convert it with
+    :func:`crt_bench.backbone.epsilon`).
 
     Without a sampling-loop defence (``defended.guidance`` None) it is the deployed UNet's conditional prediction,
     exactly what the white-box attacks always differentiated. With one (SLD, SAFREE) it is that defence's noise for
@@ -173,10 +187,21 @@ def defended_noise(ctx: AttackContext, latents: torch.Tensor, timestep: torch.Te
     deployed one (the defence's negative prompt, else the run's, else ""), the CFG scale the target's
     (``guidance_scale``, one or one per row; default the run's), and the loop state fresh, at the deployed step
     whose timestep is nearest each row's (``crt.guidance.step_of_timestep``). Rows are grouped by timestep and
-    scale, so a batch of mixed noise levels gets each row's own step."""
+    scale, so a batch of mixed noise levels gets each row's own step, and a group of several rows one timestep.
+
+    ``prompt_ids`` (B, 77): the token ids ``cond`` encodes, when the attack forwards real tokens (P4D's and
+    UnlearnDiffAtk's projected or sampled ones); a guidance that reads the prompt's tokens (SAFREE's projection)
+    then analyses them as it does at generation, else it meets a soft prompt (:class:`crt.guidance.Conditions`).
+    Sampling-loop defences run on SD 1.x / 2.x only (``GuidedPipeline`` is their loop), so a pooled condition
+    there is refused."""
     defended, pipe = ctx.defended, ctx.defended.pipe
+    if isinstance(cond, TextConditioning) and cond.pooled is None:
+        cond = cond.hidden
     if defended.guidance is None:
-        return pipe.unet(latents.to(pipe.unet.dtype), timestep, encoder_hidden_states=cond.to(pipe.unet.dtype)).sample
+        return unet_output(pipe.unet, latents.to(pipe.unet.dtype), timestep, cond, vae_factor(pipe))
+    if isinstance(cond, TextConditioning):
+        raise HarnessError(f"{defended.crt_name}: a sampling-loop defence takes SD 1.x / 2.x token states, not a "
+                           "pooled (SDXL) condition")
     rows = latents.shape[0]
     timesteps = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(rows)
     default = float(ctx.settings.guidance)
@@ -193,13 +218,29 @@ def defended_noise(ctx: AttackContext, latents: torch.Tensor, timestep: torch.Te
     for (_, scale), index in groups.items():
         at = torch.tensor(index, device=latents.device)
         t = timesteps[at]
-        conditions = Conditions(cond=cond[at], uncond=uncond.expand(len(index), -1, -1), scale=scale)
+        ids = None if prompt_ids is None else prompt_ids.to(latents.device)[at]
+        conditions = Conditions(cond=cond[at], uncond=uncond.expand(len(index), -1, -1), scale=scale, prompt_ids=ids)
         state = defended.guidance.begin(pipe, conditions)
-        step = replace(step_of_timestep(sampler, ctx.settings.steps, t[0]), timestep=t)
+        # the group's one timestep as a 0-d tensor: it broadcasts over the CFG branches a guidance batches
+        step = replace(step_of_timestep(sampler, ctx.settings.steps, t[0]), timestep=t[0])
         pred = defended.guidance.noise(pipe.unet, latents[at], step, conditions, state)
         for j, i in enumerate(index):
             out[i] = pred[j:j + 1]
     return torch.cat(out)  # type: ignore[arg-type]
+
+
+def prediction_target(noise_schedule: Any, latents: torch.Tensor, noise: torch.Tensor,
+                      timesteps: torch.Tensor) -> torch.Tensor:
+    """What the model predicts for ``latents`` noised with ``noise`` at ``timesteps``: the noise itself on an epsilon
+    model (the very tensor), the velocity ``sqrt(abar) noise - sqrt(1 - abar) x0`` on a v-prediction model (SD 2.1
+    768), as diffusers' training scripts set their target. Denoising losses compare in the model's own output
+    space."""
+    kind = noise_schedule.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_schedule.get_velocity(latents, noise, timesteps)
+    raise HarnessError(f"prediction type {kind!r} is not supported; epsilon or v_prediction")
 
 
 def defended_unet_calls(defended: DefendedModel) -> int:

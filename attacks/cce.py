@@ -22,6 +22,13 @@ predicted clean image (a raw generation: the filter is differentiated before it 
 loss, so that the token keeps the concept while the filter scores it acceptable. Espresso's shipped CCE+ (a CLIP
 term towards c_a and away from c_u under its text encoder) references undefined variables; this is this harness's
 completion of it, labelled as such.
+
+Backbones (SD 1.x, 2.x, SDXL) through :mod:`crt_bench.backbone`: the loss is in the model's own output space (the
+velocity on v-prediction models, as the textual-inversion script trains), latents are scaled by the VAE's factor
+(0.13025 on SDXL). On SDXL the token gets a row in each text encoder, learned together from the initializer's two
+embeddings (diffusers' SDXL textual inversion likewise adds the token to both), encoded at both penultimate layers;
+each target's output is the (77, 2048) states *and* the (1280,) pooled embedding SDXL's UNet also reads
+(``AdversarialPrompt.pooled``, which ``runners.generate`` passes as ``pooled_prompt_embeds`` and keys).
 """
 
 from __future__ import annotations
@@ -40,10 +47,22 @@ from attacks.base import (
     Timer,
     defended_noise,
     defended_unet_calls,
+    prediction_target,
 )
-from attacks.unlearndiffatk import decoded_x0, encode_embeds, resize_center
+from attacks.unlearndiffatk import decoded_x0, resize_center
 from crt.base import pil_to_pixels
 from crt_bench import progress
+from crt_bench.backbone import (
+    UNET_FAMILY,
+    TextConditioning,
+    conditioning_encoder,
+    encode_embeddings,
+    end_positions,
+    latent_scale,
+    token_embedding_table,
+    unet_output,
+    vae_factor,
+)
 from crt_bench.spec import Access, PromptItem
 
 # Textual inversion's object templates (the diffusers script's imagenet_templates_small), which CCE trains with
@@ -112,34 +131,33 @@ def token_embeds(table: torch.Tensor, row: torch.Tensor, ids: torch.Tensor, new_
 
 
 def initial_row(text_encoder: Any, tokenizer: Any, word: str) -> tuple[torch.Tensor, list[int]]:
-    """The initializer word's token embedding (the mean of its tokens' when it has several) and its ids."""
+    """The initializer word's token embedding (the mean of its tokens' when it has several) and its ids; on SDXL
+    (``text_encoder`` a :func:`crt_bench.backbone.conditioning_encoder`) both encoders' embeddings side by side."""
     ids = tokenizer(word, add_special_tokens=False).input_ids
     if not ids:
         raise ValueError(f"CCE: the initializer {word!r} has no tokens")
-    table = text_encoder.get_input_embeddings().weight.detach()
+    table = token_embedding_table(text_encoder)
     return table[torch.tensor(ids, device=table.device)].float().mean(0), ids
 
 
 def denoising_loss(pipe: Any, noise_schedule: Any, row: torch.Tensor, table: torch.Tensor, ids: torch.Tensor,
                    new_id: int, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                    ctx: AttackContext | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The textual-inversion loss through ``pipe``'s text encoder and UNet; also the noisy latents and prediction.
-    With ``ctx``, the prediction is the defended system's (:func:`attacks.base.defended_noise`: a sampling-loop
-    defence's guided noise when it has one)."""
-    cond = encode_embeds(pipe.text_encoder, token_embeds(table, row, ids, new_id).to(pipe.text_encoder.dtype))
+    """The textual-inversion loss through ``pipe``'s text encoder(s) and UNet, in the model's own output space (the
+    noise, or the velocity on a v-prediction model, as the textual-inversion script trains); also the noisy latents
+    and prediction. ``table``: :func:`crt_bench.backbone.token_embedding_table` (SDXL: the token has a row in each
+    encoder, learned together, as diffusers' SDXL textual inversion learns one per encoder). With ``ctx``, the
+    prediction is the defended system's (:func:`attacks.base.defended_noise`: a sampling-loop defence's guided noise
+    when it has one; the new token has no spelling, so no ids go with it)."""
+    encoder = conditioning_encoder(pipe)
+    cond = encode_embeddings(encoder, token_embeds(table, row, ids, new_id).to(encoder.dtype),
+                             end_positions(ids, pipe.tokenizer.eos_token_id))
     noisy = noise_schedule.add_noise(latents, noise, t)
     if ctx is None:
-        pred = pipe.unet(noisy.to(pipe.unet.dtype), t, encoder_hidden_states=cond.to(pipe.unet.dtype)).sample.float()
+        pred = unet_output(pipe.unet, noisy.to(pipe.unet.dtype), t, cond, vae_factor(pipe)).float()
     else:
         pred = defended_noise(ctx, noisy, t, cond).float()
-    kind = noise_schedule.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = noise_schedule.get_velocity(latents, noise, t)
-    else:
-        raise ValueError(f"CCE: unsupported prediction type {kind!r}")
-    return F.mse_loss(pred, target.float()), noisy, pred
+    return F.mse_loss(pred, prediction_target(noise_schedule, latents, noise, t).float()), noisy, pred
 
 
 @dataclass
@@ -159,6 +177,7 @@ class CCE(Attack):
     requires = frozenset({Access.UNET_GRADIENTS})  # textual inversion through the defended UNet
     output = "embedding"
     version = "1"
+    backbones = UNET_FAMILY  # SDXL: one new row per text encoder; the output carries its pooled embedding
 
     def __init__(self, adaptive: bool = False, **params: Any):
         super().__init__(adaptive=adaptive, **params)
@@ -186,8 +205,8 @@ class CCE(Attack):
         if self.adaptive and ctx.defended.filter is None:
             raise ValueError("CCE+ needs a defended model with a filter")
         pipe = ctx.defended.pipe
-        key = (id(pipe.unet), id(pipe.text_encoder), id(ctx.defended.filter), id(ctx.defended.guidance),
-               ctx.concept.key, ctx.seed)
+        key = (id(pipe.unet), id(pipe.text_encoder), id(getattr(pipe, "text_encoder_2", None)),
+               id(ctx.defended.filter), id(ctx.defended.guidance), ctx.concept.key, ctx.seed)
         trained_now = key not in self._tokens
         if trained_now:
             self._tokens[key] = self._learn(ctx)
@@ -206,7 +225,9 @@ class CCE(Attack):
             log = {"config": asdict(self.config), "mode": self.mode, "output": "embedding", "oracle_used": False,
                    "template": template, "placeholder": self.config.placeholder,
                    "training_charged_here": trained_now and n == 0, "token_training": token.log}
-            results.append(AdversarialPrompt(target=target, embedding=embedding, cost=cost, log=log))
+            results.append(AdversarialPrompt(target=target, embedding=embedding.hidden[0],
+                                             pooled=None if embedding.pooled is None else embedding.pooled[0],
+                                             cost=cost, log=log))
         return results
 
     def _attacked_set(self, ctx: AttackContext) -> tuple[PromptItem, ...]:
@@ -216,12 +237,15 @@ class CCE(Attack):
             return ()
 
     @torch.no_grad()
-    def _embedding(self, pipe: Any, token: _Token, template: str) -> torch.Tensor:
-        """The defended text encoder's (77, width) output for ``template`` with the token."""
-        table = pipe.text_encoder.get_input_embeddings().weight.detach()
+    def _embedding(self, pipe: Any, token: _Token, template: str) -> TextConditioning:
+        """The defended text encoder's output for ``template`` with the token, float32 on the CPU: (1, 77, width),
+        and on SDXL the (1, 1280) pooled embedding its UNet also reads."""
+        encoder = conditioning_encoder(pipe)
+        table = token_embedding_table(encoder)
         ids = template_ids(pipe.tokenizer, template, token.new_id)[None].to(table.device)
         embeds = token_embeds(table, token.row.to(table.device), ids, token.new_id)
-        return encode_embeds(pipe.text_encoder, embeds.to(pipe.text_encoder.dtype))[0].float().cpu()
+        cond = encode_embeddings(encoder, embeds.to(encoder.dtype), end_positions(ids, pipe.tokenizer.eos_token_id))
+        return TextConditioning(cond.hidden.float().cpu(), None if cond.pooled is None else cond.pooled.float().cpu())
 
     def _train_items(self, ctx: AttackContext) -> list[PromptItem]:
         """``num_train_images`` prompts of the training set in order, cycled with shifted seeds when it is short."""
@@ -262,10 +286,11 @@ class CCE(Attack):
             per = max(len(images) // len(items), 1)
             images = images[::per][:len(items)]
             mean, std, mean_flip, std_flip = self._posteriors(ctx, images, cost)
-            table = pipe.text_encoder.get_input_embeddings().weight.detach()
+            encoder = conditioning_encoder(pipe)
+            table = token_embedding_table(encoder)
             new_id = len(table)  # the added token's id; the table itself is never touched
             word = cfg.initializer or ctx.concept.c_u
-            start, init_ids = initial_row(pipe.text_encoder, pipe.tokenizer, word)
+            start, init_ids = initial_row(encoder, pipe.tokenizer, word)
             row = start.clone().requires_grad_(True)
             optimizer = torch.optim.AdamW([row], lr=cfg.effective_lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                                           eps=cfg.eps)
@@ -274,7 +299,7 @@ class CCE(Attack):
             gen = torch.Generator().manual_seed(cfg.seed + ctx.seed)
             order: list[int] = []
             losses, filter_terms, skipped = [], [], 0
-            scaling = pipe.vae.config.scaling_factor
+            scaling = latent_scale(pipe)
             # fp16 backward through the UNet underflows small gradients: a static loss scale, as the official
             # fp16 run's gradient scaler does; a non-finite micro-batch gradient is skipped (and counted)
             loss_scale = 1024.0 if pipe.unet.dtype == torch.float16 else 1.0

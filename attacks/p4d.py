@@ -34,6 +34,16 @@ result logs ``round_trip``, ``scored_ids`` (the optimised layout) and ``text_ids
 prompt, PEZ projection, Adam lr 0.01 weight decay 0.1, UnlearnDiffAtk's ascending timestep schedule (40 steps per
 timestep, fresh noise each step) and its early stop on the judge after every timestep block. The numbers labelled
 "P4D" in UnlearnDiffAtk, AdvUnlearn and RECE come from this variant.
+
+**Backbones** (SD 1.x, 2.x, SDXL) through :mod:`crt_bench.backbone`. The two predictions are compared in the models'
+own output space (v on SD 2.1 768; both models share the prediction type). On SDXL a learnable embedding is a
+token's embeddings in both text encoders side by side (``token_embedding_table``), encoded by
+``encode_embeddings`` (penultimate states of both, pooled embedding at the end token; time ids for the target
+size), and projected onto the token whose two embeddings are nearest by the *mean* of the two cosines
+(:func:`nearest_tokens` with ``widths``): this harness's choice, P4D and PEZ have one encoder. The unerased model's
+condition is the pipeline's own encoding of the prompt (``encode_text``). The projected tokens' ids go with the
+condition to :func:`attacks.base.defended_noise` when a sampling-loop defence is attacked, so SAFREE's token
+projection applies inside the search. SD 1.x numbers are unchanged by this.
 """
 
 from __future__ import annotations
@@ -61,7 +71,7 @@ from attacks.base import (
 from attacks.tokens import trim
 from attacks.unlearndiffatk import (
     VOCABULARIES,
-    encode_embeds,
+    layout_end,
     prefix_text,
     prompt_layout,
     resize_center,
@@ -71,6 +81,18 @@ from attacks.unlearndiffatk import (
 )
 from crt.base import pil_to_pixels
 from crt_bench import progress
+from crt_bench.backbone import (
+    UNET_FAMILY,
+    Condition,
+    TextConditioning,
+    conditioning_encoder,
+    encode_embeddings,
+    encode_text,
+    token_embedding_table,
+    token_embedding_widths,
+    unet_output,
+    vae_factor,
+)
 from crt_bench.spec import Access, PromptItem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,16 +105,27 @@ PAPER_SIMILARITY = {"backend": "open_clip", "model": "ViT-H-14", "pretrained": "
 # -- cores ----------------------------------------------------------------------------------------------------
 
 
-def nearest_tokens(embeds: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Row indices into ``table`` of the vocabulary embedding nearest to each row of ``embeds`` by cosine (PEZ)."""
-    return (F.normalize(embeds.float(), dim=-1) @ F.normalize(table.float(), dim=-1).T).argmax(-1)
+def nearest_tokens(embeds: torch.Tensor, table: torch.Tensor, widths: tuple[int, ...] = ()) -> torch.Tensor:
+    """Row indices into ``table`` of the vocabulary embedding nearest to each row of ``embeds`` by cosine (PEZ).
+    With several ``widths`` (SDXL: a row is both encoders' embeddings of a token,
+    :func:`crt_bench.backbone.token_embedding_table`) the mean of the parts' cosines, so that neither encoder's
+    embedding outweighs the other by its width or norm (this harness's choice; PEZ and P4D have one encoder)."""
+    if len(widths) < 2:
+        return (F.normalize(embeds.float(), dim=-1) @ F.normalize(table.float(), dim=-1).T).argmax(-1)
+    return (_unit_parts(embeds, widths) @ _unit_parts(table, widths).T).argmax(-1)
+
+
+def _unit_parts(rows: torch.Tensor, widths: tuple[int, ...]) -> torch.Tensor:
+    """Each part of each row scaled to unit norm (their dot products are sums of per-part cosines)."""
+    return torch.cat([F.normalize(part, dim=-1) for part in rows.float().split(list(widths), dim=-1)], dim=-1)
 
 
 def straight_through(embeds: torch.Tensor, table: torch.Tensor, loss_fn: Any,
-                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     mask: torch.Tensor | None = None, widths: tuple[int, ...] = ()
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """PEZ's step: the loss is evaluated on the nearest vocabulary embeddings and its gradient with respect to them is
     stored as ``embeds.grad`` (rows where ``mask`` is False get zero). Returns (loss, row indices into ``table``)."""
-    index = nearest_tokens(embeds.detach(), table)
+    index = nearest_tokens(embeds.detach(), table, widths)
     projected = table[index].detach().clone().requires_grad_(True)
     loss = loss_fn(projected)
     (grad,) = torch.autograd.grad(loss, [projected])
@@ -103,11 +136,11 @@ def straight_through(embeds: torch.Tensor, table: torch.Tensor, loss_fn: Any,
 
 
 def pez_update(embeds: torch.Tensor, table: torch.Tensor, loss_fn: Any, optimizer: torch.optim.Optimizer,
-               mask: torch.Tensor | None = None, fixed: torch.Tensor | None = None
+               mask: torch.Tensor | None = None, fixed: torch.Tensor | None = None, widths: tuple[int, ...] = ()
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimiser step of :func:`straight_through`; rows outside ``mask`` are reset to ``fixed`` afterwards (AdamW's
     decoupled decay would otherwise shrink them even without gradient). Returns (loss, indices, applied gradient)."""
-    loss, index = straight_through(embeds, table, loss_fn, mask)
+    loss, index = straight_through(embeds, table, loss_fn, mask, widths)
     grad = embeds.grad.detach().clone()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -263,10 +296,13 @@ class _Problem:
     table: torch.Tensor  # (V', width) embeddings of the allowed tokens
     vocab: torch.Tensor  # (V',) their ids
     latent: torch.Tensor  # z0 of the target image
-    sd_cond: torch.Tensor  # E_SD(P), the unerased model's condition
-    negative_cond: torch.Tensor | None  # the defence's negative-prompt condition, when it guides with one
+    sd_cond: Condition  # E_SD(P), the unerased model's condition
+    negative_cond: Condition | None  # the defence's negative-prompt condition, when it guides with one
     guidance: float
     truncated: bool
+    ids: torch.Tensor | None = None  # (77,) the layout's ids (placeholders in the learnable slots)
+    end: int | None = None  # the position of its end token (SDXL's pooled embedding is read there)
+    widths: tuple[int, ...] = ()  # each text encoder's part of a table row (SDXL: two)
 
 
 class _Matcher:
@@ -279,45 +315,67 @@ class _Matcher:
 
         self.noise = DDPMScheduler.from_config(ctx.defended.pipe.scheduler.config)
 
-    def loss(self, content: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
+    def loss(self, content: torch.Tensor, t: int, eps: torch.Tensor,
+             content_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``content``: the (n, width) embeddings of the layout's first n content slots; ``content_ids``: the token
+        ids they are, forwarded with the condition (a guidance that reads tokens, SAFREE, analyses them). Both
+        predictions are compared in the model's own output space (the noise, or v on a v-prediction model)."""
         ctx, p = self.ctx, self.problem
         safe, base = ctx.defended.pipe, ctx.base_pipe
         n = content.shape[0]
         embeds = torch.cat([p.base_embeds[:, :1], content[None].to(p.base_embeds.dtype), p.base_embeds[:, 1 + n:]], 1)
-        cond = encode_embeds(safe.text_encoder, embeds.to(safe.text_encoder.dtype))
+        encoder = conditioning_encoder(safe)
+        cond = encode_embeddings(encoder, embeds.to(encoder.dtype), p.end)
+        prompt_ids = None
+        if content_ids is not None and p.ids is not None:
+            prompt_ids = p.ids.clone()
+            prompt_ids[1:1 + len(content_ids)] = torch.as_tensor(content_ids).to(prompt_ids)
+            prompt_ids = prompt_ids[None]
         timestep = torch.tensor([t], device=p.latent.device, dtype=torch.long)
         z_t = self.noise.add_noise(p.latent, eps, timestep)
-        pred, calls = self._defended(z_t, timestep, cond)
+        pred, calls = self._defended(z_t, timestep, cond, prompt_ids)
         self.passes["defended_unet_forward"] += calls
         with torch.no_grad():
-            target = base.unet(z_t.to(base.unet.dtype), timestep,
-                               encoder_hidden_states=p.sd_cond.to(base.unet.dtype)).sample
+            target = unet_output(base.unet, z_t.to(base.unet.dtype), timestep, p.sd_cond, vae_factor(base))
         self.passes["unerased_unet_forward"] += 1
         self.passes["defended_unet_backward"] += 1
         self.cost.forward += 1 + calls
         self.cost.backward += 1
         return F.mse_loss(pred.float(), target.float())
 
-    def _defended(self, z_t: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _defended(self, z_t: torch.Tensor, timestep: torch.Tensor, cond: Condition,
+                  prompt_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """The defended prediction and the UNet passes it took: a sampling-loop defence's guided noise
-        (:func:`attacks.base.defended_noise`); else the conditional prediction, CFG'd with the defence's negative
-        prompt when it guides with one."""
+        (:func:`attacks.base.defended_noise`, with the prompt's ids when known); else the conditional prediction,
+        CFG'd with the defence's negative prompt when it guides with one."""
         ctx, p, safe = self.ctx, self.problem, self.ctx.defended.pipe
         if ctx.defended.guidance is not None:
-            return defended_noise(ctx, z_t, timestep, cond, p.guidance), defended_unet_calls(ctx.defended)
+            return (defended_noise(ctx, z_t, timestep, cond, p.guidance, prompt_ids=prompt_ids),
+                    defended_unet_calls(ctx.defended))
         pred = defended_noise(ctx, z_t, timestep, cond)  # the deployed UNet's conditional prediction
         if p.negative_cond is None:
             return pred, 1
         with torch.no_grad():
-            neg = safe.unet(z_t.to(safe.unet.dtype), timestep,
-                            encoder_hidden_states=p.negative_cond.to(safe.unet.dtype)).sample
+            neg = unet_output(safe.unet, z_t.to(safe.unet.dtype), timestep, p.negative_cond, vae_factor(safe))
         return neg + p.guidance * (pred - neg), 2
 
 
-def _condition(pipe: Any, text: str) -> torch.Tensor:
+def _condition(pipe: Any, text: str) -> Condition:
+    """``text`` as the pipeline conditions on it (:func:`crt_bench.backbone.encode_text`), float32, no gradient:
+    token states on SD 1.x / 2.x, with the pooled embedding on SDXL."""
     with torch.no_grad():
-        ids = text_ids(pipe.tokenizer, text)[None].to(pipe.text_encoder.device)
-        return pipe.text_encoder(ids).last_hidden_state.detach().float()
+        cond = encode_text(pipe, [text])
+    if cond.pooled is None:
+        return cond.hidden.detach().float()
+    return TextConditioning(cond.hidden.detach().float(), cond.pooled.detach().float())
+
+
+def _sent_ids(ctx: AttackContext, problem: _Problem, rows: torch.Tensor) -> torch.Tensor | None:
+    """The token ids the straight-through forward sends for projected ``rows`` (the vocabulary embeddings nearest
+    to them, as :func:`straight_through` projects), when a sampling-loop defence could read them; else None."""
+    if ctx.defended.guidance is None:
+        return None
+    return problem.vocab[nearest_tokens(rows.detach(), problem.table, problem.widths).cpu()]
 
 
 def _vocab(cache: dict[int, tuple[Any, torch.Tensor]], tokenizer: Any, mode: str) -> torch.Tensor:
@@ -346,6 +404,7 @@ class _P4D(Attack):
                           Access.SYSTEM_QUERIES})
     output = "text"
     version = "1"
+    backbones = UNET_FAMILY  # through crt_bench.backbone (SDXL: one token's embeddings in both encoders)
     no_adaptive = "{name} has no adaptive variant"
     variant: ClassVar[str]
     config_class: ClassVar[type[P4DConfig]]
@@ -404,7 +463,8 @@ class _P4D(Attack):
         pipe, cfg = ctx.defended.pipe, self.config
         tok = pipe.tokenizer
         vocab = _vocab(self._vocab, tok, cfg.vocabulary)
-        table_all = pipe.text_encoder.get_input_embeddings().weight.detach()
+        encoder = conditioning_encoder(pipe)
+        table_all = token_embedding_table(encoder)
         body = tok(target.text, add_special_tokens=False).input_ids
         content, learnable, truncated = self.layout(tok, body, tok.eos_token_id)
         ids = full_ids(tok, content)
@@ -417,7 +477,8 @@ class _P4D(Attack):
                         latent=sampled_latent(ctx.base_pipe.vae, reference, (height, width), gen),
                         sd_cond=_condition(ctx.base_pipe, target.text),
                         negative_cond=_condition(pipe, negative) if negative is not None else None,
-                        guidance=guidance, truncated=truncated)
+                        guidance=guidance, truncated=truncated, ids=ids, end=1 + len(content),
+                        widths=token_embedding_widths(encoder))
 
     def _text(self, tok: Any, problem: _Problem, content: list[int]) -> tuple[str, bool, list[int], list[int]]:
         text = layout_text(tok, content, problem.learnable, self.config.vocabulary)
@@ -452,8 +513,10 @@ class _P4D(Attack):
         for step in range(1, cfg.iterations + 1):
             t = int(torch.randint(n_train, (1,), generator=gen))
             eps = torch.randn(problem.latent.shape, generator=gen).to(problem.latent.device)
-            loss, _, _ = pez_update(embeds, problem.table, lambda x, t=t, eps=eps: matcher.loss(x, t, eps), optimizer,
-                                    mask, fixed)
+            sent = _sent_ids(ctx, problem, embeds)
+            loss, _, _ = pez_update(embeds, problem.table,
+                                    lambda x, t=t, eps=eps, sent=sent: matcher.loss(x, t, eps, sent), optimizer,
+                                    mask, fixed, problem.widths)
             losses.append(float(loss))
             progress.show(loss=losses[-1])
             if step % cfg.eval_every == 0 or step == cfg.iterations:
@@ -482,7 +545,7 @@ class _P4D(Attack):
                     cost: AttackCost) -> dict[str, Any]:
         """Decode the projected prompt and, once per distinct text, embed one defended image of it (seed s)."""
         tok = ctx.defended.pipe.tokenizer
-        rows = nearest_tokens(embeds.detach(), problem.table)
+        rows = nearest_tokens(embeds.detach(), problem.table, problem.widths)
         content = [c if not learn else int(problem.vocab[r]) for c, learn, r in
                    zip(problem.content, problem.learnable, rows.tolist())]
         text, round_trip, scored, encoded = self._text(tok, problem, content)
@@ -531,6 +594,7 @@ class P4DUnlearnDiffAtk(Attack):
                           Access.SYSTEM_QUERIES})
     output = "text"
     version = "1"
+    backbones = UNET_FAMILY
     no_adaptive = "{name} has no adaptive variant"
 
     def __init__(self, adaptive: bool = False, **params: Any):
@@ -551,7 +615,8 @@ class P4DUnlearnDiffAtk(Attack):
         cfg, pipe = self.config, ctx.defended.pipe
         tok = pipe.tokenizer
         vocab = _vocab(self._vocab, tok, cfg.vocabulary)
-        table_all = pipe.text_encoder.get_input_embeddings().weight.detach()
+        encoder = conditioning_encoder(pipe)
+        table_all = token_embedding_table(encoder)
         ids, truncated = prompt_layout(tok, target.text, cfg.k)
         content_len = len(trim(ids, tok.eos_token_id)) - 2
         content = ids[1:1 + content_len].tolist()
@@ -565,7 +630,8 @@ class P4DUnlearnDiffAtk(Attack):
                            sd_cond=_condition(ctx.base_pipe, target.text),
                            negative_cond=_condition(pipe, negative) if negative is not None else None,
                            guidance=float(target.guidance if target.guidance is not None else ctx.settings.guidance),
-                           truncated=truncated)
+                           truncated=truncated, ids=ids, end=layout_end(ids, cfg.k, tok.eos_token_id),
+                           widths=token_embedding_widths(encoder))
         passes = {"defended_unet_forward": 0, "defended_unet_backward": 0, "unerased_unet_forward": 0}
         matcher = _Matcher(ctx, problem, cost, passes)
         gen = torch.Generator().manual_seed(cfg.seed + ctx.seed)
@@ -580,11 +646,14 @@ class P4DUnlearnDiffAtk(Attack):
             losses = []
             for _ in range(cfg.iterations):
                 eps = torch.randn(problem.latent.shape, generator=gen).to(problem.latent.device)
+                sent = _sent_ids(ctx, problem, prefix)
                 loss, _, _ = pez_update(prefix, problem.table,
-                                        lambda x, t=t, eps=eps: matcher.loss(torch.cat([x, fixed]), t, eps), optimizer)
+                                        lambda x, t=t, eps=eps, sent=sent: matcher.loss(torch.cat([x, fixed]), t, eps,
+                                                                                        sent),
+                                        optimizer, widths=problem.widths)
                 losses.append(float(loss))
                 progress.show(loss=losses[-1])
-            tokens = problem.vocab[nearest_tokens(prefix.detach(), problem.table).cpu()].tolist()
+            tokens = problem.vocab[nearest_tokens(prefix.detach(), problem.table, problem.widths).cpu()].tolist()
             words = prefix_text(tok, tokens, cfg.vocabulary)
             text = f"{words} {target.text}".strip()
             optimised = ids.clone()

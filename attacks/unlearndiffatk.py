@@ -23,6 +23,16 @@ them and one judged generation per block, each target with its own distribution,
 official scripts run one target per process). At the default 1 the search is one target at a time. Batching changes
 the UNet's floating-point summation order, so losses differ in their last bits; the parameter is then part of the
 key, but not of the logged config.
+
+Backbones (SD 1.x, 2.x, SDXL) through :mod:`crt_bench.backbone`: the simplex spans rows of
+``token_embedding_table`` (on SDXL a token's embeddings in both text encoders side by side, so one prefix token is
+chosen for both, as a typed prompt would be), encoded by ``encode_embeddings`` (SDXL: both encoders' penultimate
+states and the second's pooled embedding at the layout's end token; the UNet gets SDXL's time ids for the target
+size). The loss is in the model's own output space (the velocity is the target on a v-prediction model, SD 2.1
+768); the adaptive term decodes x0 from the prediction converted to noise. The target latent is scaled by the
+VAE's factor (``latent_scale``: 0.13025 on SDXL). The ids of the sampled tokens go with the condition to
+:func:`attacks.base.defended_noise`, so a guard that reads the prompt's tokens (SAFREE's projection) applies inside
+the search as it does at generation. SD 1.x numbers are unchanged by this (same operations in the same order).
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from attacks.base import (
     AttackCost,
     defended_noise,
     defended_unet_calls,
+    prediction_target,
     reference_per_target,
     require_context,
 )
@@ -48,6 +59,14 @@ from attacks.tokens import tokenize, trim
 from attacks.tokens import vocabulary as special_free_vocabulary
 from crt.base import pil_to_pixels
 from crt_bench import progress
+from crt_bench.backbone import (
+    UNET_FAMILY,
+    conditioning_encoder,
+    encode_embeddings,
+    epsilon,
+    last_states_from_embeddings,
+    token_embedding_table,
+)
 from crt_bench.spec import Access, PromptItem
 
 
@@ -90,17 +109,15 @@ def project_simplex(u: torch.Tensor, tol: float = 1e-5, max_iter: int = 100) -> 
 
 
 def encode_embeds(text_encoder: Any, inputs_embeds: torch.Tensor) -> torch.Tensor:
-    """CLIPTextModel's forward from token embeddings (its ``forward`` takes ids only in transformers 5).
+    """CLIPTextModel's forward from token embeddings (its ``forward`` takes ids only in transformers 5): position
+    embeddings, the causal mask, the encoder, the final layer norm (:func:`crt_bench.backbone.encode_embeddings`
+    is the same for every backbone, SDXL's two encoders and pooled embedding included)."""
+    return last_states_from_embeddings(text_encoder, inputs_embeds)
 
-    Mirrors that forward: position embeddings, the causal mask, the encoder, the final layer norm.
-    """
-    from transformers.masking_utils import create_causal_mask
 
-    model = getattr(text_encoder, "text_model", text_encoder)
-    hidden = model.embeddings(inputs_embeds=inputs_embeds)
-    mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None)
-    out = model.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True)
-    return model.final_layer_norm(out.last_hidden_state)
+def layout_end(ids: torch.Tensor, k: int, eos: int) -> int:
+    """The position of the end token of a :func:`prompt_layout` (its ``k`` placeholders are end tokens too)."""
+    return 1 + k + int((ids[1 + k:] == eos).int().argmax())
 
 
 def prompt_layout(tokenizer: Any, text: str, k: int) -> tuple[torch.Tensor, bool]:
@@ -185,6 +202,7 @@ class _Problem:
     vocab: torch.Tensor  # (V',) their ids
     latent: torch.Tensor  # z_tgt
     truncated: bool
+    end: int  # the position of the layout's end token (SDXL's pooled embedding is read there)
 
 
 @dataclass
@@ -210,6 +228,7 @@ class UnlearnDiffAtk(Attack):
     requires = frozenset({Access.UNET_GRADIENTS, Access.JUDGE_ORACLE, Access.SYSTEM_QUERIES})
     output = "text"
     version = "2"  # 2: round-trip vocabulary (the stored text re-encodes to the optimised ids); blocked = failure
+    backbones = UNET_FAMILY  # through crt_bench.backbone: SDXL's two encoders read one token's two embeddings
 
     def __init__(self, adaptive: bool = False, **params: Any):
         super().__init__(adaptive=adaptive, **params)
@@ -239,7 +258,7 @@ class UnlearnDiffAtk(Attack):
     def _allowed(self, ctx: AttackContext) -> tuple[torch.Tensor, torch.Tensor]:
         """The allowed token ids and their float32 embeddings, shared by every target of a batch."""
         pipe = ctx.defended.pipe
-        table = pipe.text_encoder.get_input_embeddings().weight.detach()
+        table = token_embedding_table(conditioning_encoder(pipe))
         if self._vocab_cache is None or self._vocab_cache[0] is not pipe.tokenizer:
             self._vocab_cache = (pipe.tokenizer, vocabulary(pipe.tokenizer, self.config.vocabulary))
         vocab = self._vocab_cache[1]
@@ -248,13 +267,13 @@ class UnlearnDiffAtk(Attack):
     def _problem(self, ctx: AttackContext, target: PromptItem, reference: Any, vocab: torch.Tensor,
                  allowed: torch.Tensor) -> _Problem:
         pipe, cfg = ctx.defended.pipe, self.config
-        table = pipe.text_encoder.get_input_embeddings().weight.detach()
+        table = token_embedding_table(conditioning_encoder(pipe))
         ids, truncated = prompt_layout(pipe.tokenizer, target.text, cfg.k)
         height = cfg.resolution or ctx.settings.height
         width = cfg.resolution or ctx.settings.width
         return _Problem(target=target, ids=ids, base_embeds=table[ids.to(table.device)][None].float(),
                         table=allowed, vocab=vocab, latent=target_latent(pipe.vae, reference, (height, width)),
-                        truncated=truncated)
+                        truncated=truncated, end=layout_end(ids, cfg.k, pipe.tokenizer.eos_token_id))
 
     def _start(self, ctx: AttackContext, target: PromptItem, reference: Any, vocab: torch.Tensor,
                allowed: torch.Tensor) -> _Search:
@@ -340,10 +359,15 @@ class UnlearnDiffAtk(Attack):
 
     def _step(self, ctx: AttackContext, searches: list[_Search], noise_schedule: Any, t: int) -> list[float]:
         """One straight-through step on every search's ``u``, in one forward and backward for the batch; only the
-        ``u`` receive gradients (the deployed modules are shared). Returns each search's loss."""
+        ``u`` receive gradients (the deployed modules are shared). Returns each search's loss.
+
+        The loss compares the defended prediction with what the model predicts in its own output space
+        (:func:`attacks.base.prediction_target`: the noise; the velocity on a v-prediction model); the adaptive
+        term decodes x0 from the prediction converted to noise (:func:`crt_bench.backbone.epsilon`). The sampled
+        tokens' ids go with the condition (a guidance that reads them, SAFREE, analyses the prompt sent)."""
         pipe, cfg = ctx.defended.pipe, self.config
         device = searches[0].u.device
-        embeds, noises = [], []
+        embeds, noises, ids = [], [], []
         for search in searches:
             u, problem = search.u, search.problem
             sample = torch.multinomial(u.detach().float().cpu(), 1, generator=search.gen).squeeze(1).to(device)
@@ -352,17 +376,25 @@ class UnlearnDiffAtk(Attack):
             embeds.append(torch.cat([problem.base_embeds[:, :1], adv[None], problem.base_embeds[:, 1 + cfg.k:]],
                                     dim=1))
             noises.append(torch.randn(problem.latent.shape, generator=search.gen).to(device))
-        cond = encode_embeds(pipe.text_encoder, torch.cat(embeds).to(pipe.text_encoder.dtype))
+            sent = problem.ids.clone()
+            sent[1:1 + cfg.k] = problem.vocab[sample.cpu()]
+            ids.append(sent)
+        encoder = conditioning_encoder(pipe)
+        cond = encode_embeddings(encoder, torch.cat(embeds).to(encoder.dtype), [s.problem.end for s in searches])
         eps = torch.cat(noises)
         timestep = torch.full((len(searches),), t, device=device, dtype=torch.long)
-        z_t = noise_schedule.add_noise(torch.cat([s.problem.latent for s in searches]), eps, timestep)
+        latents = torch.cat([s.problem.latent for s in searches])
+        z_t = noise_schedule.add_noise(latents, eps, timestep)
+        target = prediction_target(noise_schedule, latents, eps, timestep)
         scales = [float(s.problem.target.guidance if s.problem.target.guidance is not None else ctx.settings.guidance)
                   for s in searches]
-        pred = defended_noise(ctx, z_t, timestep, cond, scales)  # a sampling-loop defence's guided noise, if any
-        losses = [F.mse_loss(pred[i:i + 1].float(), eps[i:i + 1]) for i in range(len(searches))]
+        # a sampling-loop defence's guided noise, if any
+        pred = defended_noise(ctx, z_t, timestep, cond, scales, prompt_ids=torch.stack(ids))
+        losses = [F.mse_loss(pred[i:i + 1].float(), target[i:i + 1]) for i in range(len(searches))]
         if self.adaptive:
             alpha_bar = noise_schedule.alphas_cumprod[t].to(device)
-            scores = ctx.defended.filter.scores_from_pixels(decoded_x0(pipe.vae, z_t, pred.float(), alpha_bar))
+            noise = epsilon(pipe, pred.float(), z_t, timestep)
+            scores = ctx.defended.filter.scores_from_pixels(decoded_x0(pipe.vae, z_t, noise, alpha_bar))
             losses = [loss + cfg.adaptive_lambda * scores[i:i + 1].sum() for i, loss in enumerate(losses)]
         grads = torch.autograd.grad(torch.stack(losses).sum(), [s.u for s in searches])
         for search, grad in zip(searches, grads):

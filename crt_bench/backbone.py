@@ -227,3 +227,88 @@ def encoder_parts(encoder: Any) -> list[Any]:
     """The text encoders behind a conditioning encoder: SDXL's two (each read on its own, e.g. its pooled output),
     otherwise the one."""
     return [encoder.first, encoder.second] if isinstance(encoder, StackedTextEncoder) else [encoder]
+
+
+def token_embedding_table(encoder: Any) -> torch.Tensor:
+    """(V, width) token embeddings, detached: what a prompt's ids are looked up in before the text encoder runs.
+    On SDXL (a :class:`StackedTextEncoder`) both encoders' rows side by side (768 + 1280 wide): the two CLIP
+    tokenizers share one BPE vocabulary, so one id picks one row of each, and an attack that optimises token
+    embeddings optimises both of a token's embeddings at once (:func:`encode_embeddings` splits them again)."""
+    tables = [part.get_input_embeddings().weight.detach() for part in encoder_parts(encoder)]
+    if len(tables) == 1:
+        return tables[0]
+    if len({table.shape[0] for table in tables}) != 1:
+        raise HarnessError(f"SDXL's text encoders have vocabularies of {[t.shape[0] for t in tables]} tokens; "
+                           "embedding-level attacks need the shared CLIP vocabulary")
+    return torch.cat([table.to(tables[0].dtype) for table in tables], dim=-1)
+
+
+def token_embedding_widths(encoder: Any) -> tuple[int, ...]:
+    """The width of each encoder's part of a :func:`token_embedding_table` row, in order (SDXL: (768, 1280))."""
+    return tuple(int(part.get_input_embeddings().weight.shape[1]) for part in encoder_parts(encoder))
+
+
+def end_positions(ids: torch.Tensor, eos: int) -> torch.Tensor:
+    """(B,) the position of each row's first end token after its start token: where CLIP pools a prompt."""
+    return (ids[:, 1:] == eos).int().argmax(-1) + 1
+
+
+def encode_embeddings(encoder: Any, inputs_embeds: torch.Tensor, end: Any = None) -> TextConditioning:
+    """What :func:`encode_text` computes, from token embeddings (B, 77, width) instead of ids, differentiable in
+    them (attacks that optimise soft or straight-through tokens; transformers' CLIP forward takes ids only).
+
+    SD 1.x / 2.x (a plain CLIP text model): its final-layer-normed last states, no pooled embedding; the same
+    operations as the model's own forward. SDXL (a :class:`StackedTextEncoder`, rows from
+    :func:`token_embedding_table`): each encoder reads its part of the width; the second's positions after ``end``
+    are its own padding token's embedding, as :class:`StackedTextEncoder` pads its ids; both are read at their
+    penultimate layer and concatenated, and the pooled embedding is the second's projected final state at ``end``
+    ((B,) or one int, required on SDXL: the placeholders a layout holds may be end tokens, so the end cannot be
+    read from ids)."""
+    if not isinstance(encoder, StackedTextEncoder):
+        return TextConditioning(last_states_from_embeddings(encoder, inputs_embeds))
+    if end is None:
+        raise ValueError("SDXL's pooled embedding is read at the end token: give encode_embeddings its position")
+    rows, length = inputs_embeds.shape[:2]
+    end = torch.as_tensor(end, device=inputs_embeds.device).reshape(-1).expand(rows)
+    first_part, second_part = inputs_embeds.split(list(token_embedding_widths(encoder)), dim=-1)
+    padding = encoder.second.get_input_embeddings().weight[encoder.second_pad_id].detach()
+    after_end = (torch.arange(length, device=inputs_embeds.device)[None] > end[:, None])[..., None]
+    second_part = torch.where(after_end, padding.to(second_part.dtype), second_part)
+    first_states = _penultimate_states(encoder.first, first_part.to(encoder.first.dtype))
+    second_states = _penultimate_states(encoder.second, second_part.to(encoder.second.dtype))
+    second_model = _text_transformer(encoder.second)
+    final = second_model.encoder.layers[-1](second_states, _causal_mask(second_model, second_states), is_causal=True)
+    final = second_model.final_layer_norm(final)
+    pooled = encoder.second.text_projection(final[torch.arange(rows, device=final.device), end])
+    return TextConditioning(torch.cat([first_states, second_states], dim=-1), pooled)
+
+
+def last_states_from_embeddings(text_encoder: Any, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """A CLIP text model's ``last_hidden_state`` from token embeddings: its forward's operations in its order
+    (position embeddings, the causal mask, the encoder, the final layer norm)."""
+    model = _text_transformer(text_encoder)
+    hidden = model.embeddings(inputs_embeds=inputs_embeds)
+    out = model.encoder(inputs_embeds=hidden, attention_mask=_causal_mask(model, hidden), is_causal=True)
+    return model.final_layer_norm(out.last_hidden_state)
+
+
+def _penultimate_states(text_encoder: Any, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """``hidden_states[-2]`` of a CLIP text model from token embeddings: the output of all layers but the last
+    (what SDXL's pipeline reads), no final layer norm."""
+    model = _text_transformer(text_encoder)
+    hidden = model.embeddings(inputs_embeds=inputs_embeds)
+    mask = _causal_mask(model, hidden)
+    for layer in model.encoder.layers[:-1]:
+        hidden = layer(hidden, mask, is_causal=True)
+    return hidden
+
+
+def _text_transformer(text_encoder: Any) -> Any:
+    """The module holding embeddings, encoder and final layer norm (``text_model`` of a projection model)."""
+    return getattr(text_encoder, "text_model", text_encoder)
+
+
+def _causal_mask(model: Any, hidden: torch.Tensor) -> Any:
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=None, cache=None)

@@ -24,6 +24,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from crt.base import DefendedModel
+from crt_bench.backbone import SDXL, backbone_of
+from crt_bench.spec import HarnessError
 from runners.models import ModelHandle, numerics_versions, set_scheduler
 from runners.spec import GenerationSettings, PromptItem
 from runners.store import Store, key_of
@@ -55,14 +57,20 @@ class ImageRequest:
     index: int = 0
     text: str | None = None  # adversarial text; None means item.text
     embedding: torch.Tensor | None = None  # adversarial soft prompt (77, width)
+    pooled: torch.Tensor | None = None  # its pooled companion on SDXL (1280,), which SDXL's UNet also reads
 
     @property
     def seed(self) -> int:
         return self.item.seed + self.index
 
     def prompt_identity(self) -> dict[str, Any]:
+        """What is encoded: the text, or the embedding's hash and, only when there is one (SDXL), its pooled
+        companion's (so an SD 1.x / 2.x embedding keeps the key it always had)."""
         if self.embedding is not None:
-            return {"embedding_sha256": tensor_sha256(self.embedding)}
+            identity = {"embedding_sha256": tensor_sha256(self.embedding)}
+            if self.pooled is not None:
+                identity["pooled_sha256"] = tensor_sha256(self.pooled)
+            return identity
         return {"text": self.item.text if self.text is None else self.text}
 
 
@@ -203,6 +211,7 @@ class ImageMaker:
         if all(embedded):
             embeds = torch.stack([r.embedding for r in requests]).to(pipe.device, pipe.unet.dtype)
             kwargs["prompt_embeds"] = embeds
+            kwargs.update(_pooled_embeds(pipe, requests))
         else:
             kwargs["prompt"] = [r.item.text if r.text is None else r.text for r in requests]
         if negative:
@@ -267,6 +276,20 @@ class ImageMaker:
         """One delivered image per item (image 0), through the store: what fit and attacks ask for."""
         records = self.make(system, [ImageRequest(item) for item in items], desc)
         return [None if r.delivered_key is None else self.load(r.delivered_key) for r in records]
+
+
+def _pooled_embeds(pipe: Any, requests: list[ImageRequest]) -> dict[str, Any]:
+    """``pooled_prompt_embeds`` for a batch of embedding prompts: SDXL's pipeline needs one per prompt (its UNet
+    reads the pooled embedding too); SD 1.x / 2.x take none. Refused when they are missing or mixed."""
+    pooled = [r.pooled is not None for r in requests]
+    if backbone_of(pipe) != SDXL:
+        if any(pooled):
+            raise HarnessError("a pooled prompt embedding was given to a pipeline without one (only SDXL reads it)")
+        return {}
+    if not all(pooled):
+        raise HarnessError("an SDXL embedding prompt needs its pooled embedding (ImageRequest.pooled, "
+                           "AdversarialPrompt.pooled); this one came without it")
+    return {"pooled_prompt_embeds": torch.stack([r.pooled for r in requests]).to(pipe.device, pipe.unet.dtype)}
 
 
 def _write_png(folder: Path, image: Image.Image) -> dict[str, Any]:

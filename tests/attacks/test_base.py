@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from attacks.base import (
     MODES,
@@ -23,6 +24,8 @@ from attacks.none import NoAttack
 from attacks.ringabell import RingABell
 from attacks.unlearndiffatk import UnlearnDiffAtk
 from crt.base import DefendedModel
+from crt.guidance import ClassifierFreeGuidance, Conditions
+from crt_bench.spec import HarnessError
 from runners.registry import available, build_attack
 from runners.spec import Access, PromptItem
 from tests.runners.conftest import compose_config
@@ -148,3 +151,97 @@ def test_reference_per_target_takes_each_targets_first_image(per_target: int, ex
     ctx = AttackContext(defended=DefendedModel(pipe=None), concept=None, settings=None,
                         reference_images=reference_images)
     assert reference_per_target(ctx, targets) == expected and asked == [targets]
+
+
+# -- defended_noise on every backbone, and the prompt ids it forwards ----------------------------------------------
+
+
+def test_defended_noise_is_the_backbones_own_unet_call_and_differentiable(other_backbone):
+    """No sampling-loop defence: the UNet's prediction with what the backbone needs (SDXL: pooled + time ids)."""
+    from attacks.base import defended_noise
+    from crt_bench.backbone import encode_text, unet_output, vae_factor
+
+    pipe = other_backbone.pipe
+    ctx = AttackContext(defended=DefendedModel(pipe=pipe), concept=None, settings=other_backbone.settings)
+    with torch.no_grad():
+        cond = encode_text(pipe, ["a nude green cross", "a red circle"])
+    leaf = cond.hidden.clone().requires_grad_(True)
+    cond = type(cond)(leaf, cond.pooled)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.tensor([100, 700])
+    got = defended_noise(ctx, latents, t, cond)
+    with torch.no_grad():
+        expected = unet_output(pipe.unet, latents, t, cond, vae_factor(pipe))
+        torch.testing.assert_close(got.detach(), expected)
+        if other_backbone.kind == "sdxl":  # the pooled embedding is read: another one changes the prediction
+            other = defended_noise(ctx, latents, t, type(cond)(leaf.detach(), cond.pooled.flip(0)))
+            assert not torch.allclose(other, expected)
+    (grad,) = torch.autograd.grad(got.pow(2).sum(), [leaf])
+    assert grad.abs().sum() > 0
+
+
+def test_prediction_target_is_the_noise_or_the_velocity():
+    from diffusers import DDPMScheduler
+
+    from attacks.base import prediction_target
+
+    schedule = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 3, 3, generator=gen), torch.randn(2, 4, 3, 3, generator=gen)
+    t = torch.tensor([5, 800])
+    assert prediction_target(schedule, x0, noise, t) is noise
+    v_schedule = DDPMScheduler.from_config(schedule.config, prediction_type="v_prediction")
+    abar = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    hand = abar.sqrt() * noise - (1 - abar).sqrt() * x0  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+    torch.testing.assert_close(prediction_target(v_schedule, x0, noise, t), hand)
+    with pytest.raises(HarnessError, match="sample"):
+        prediction_target(DDPMScheduler.from_config(schedule.config, prediction_type="sample"), x0, noise, t)
+
+
+class _Recording(ClassifierFreeGuidance):
+    """Plain CFG that records the conditions each ``begin`` receives."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.seen: list[Conditions] = []
+
+    def begin(self, pipe, conditions):
+        self.seen.append(conditions)
+        return None
+
+
+def test_prompt_ids_reach_the_guidance_row_by_row(world):
+    """Rows are grouped by timestep: each group's Conditions carry that group's ids (None when none are given)."""
+    from attacks.base import defended_noise
+    from crt_bench.backbone import encode_text
+
+    pipe = world.pipe
+    guidance = _Recording()
+    ctx = AttackContext(defended=DefendedModel(pipe=pipe, guidance=guidance), concept=None, settings=world.settings)
+    texts = ["a nude green cross", "a red circle", "a blue square"]
+    ids = pipe.tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        cond = encode_text(pipe, texts).hidden
+        latents = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([900, 100, 900])
+        with_ids = defended_noise(ctx, latents, t, cond, 5.0, prompt_ids=ids)
+        assert [c.prompt_ids.tolist() for c in guidance.seen] == [ids[[0, 2]].tolist(), ids[[1]].tolist()]
+        assert torch.equal(guidance.seen[0].cond, cond[[0, 2]])
+        guidance.seen.clear()
+        without = defended_noise(ctx, latents, t, cond, 5.0)
+    assert [c.prompt_ids for c in guidance.seen] == [None, None]
+    torch.testing.assert_close(with_ids, without)  # plain CFG does not read them
+
+
+def test_a_sampling_loop_defence_refuses_a_pooled_condition(sdxl):
+    from attacks.base import defended_noise
+    from crt_bench.backbone import encode_text
+
+    ctx = AttackContext(defended=DefendedModel(pipe=sdxl.pipe, crt_name="sld", guidance=_Recording()), concept=None,
+                        settings=sdxl.settings)
+    with torch.no_grad():
+        cond = encode_text(sdxl.pipe, ["a red circle"])
+    with pytest.raises(HarnessError, match="^sld: a sampling-loop defence"):
+        defended_noise(ctx, torch.zeros(1, 4, 8, 8), torch.tensor([500]), cond)

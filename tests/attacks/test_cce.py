@@ -169,3 +169,52 @@ def test_needs_are_the_defended_unets_gradients_and_the_filters_for_cce_plus():
     with pytest.raises(IncompatibleAttack):
         check_compatible(plus, DefendedModel(pipe=None, exposes=frozenset({Access.UNET_GRADIENTS,
                                                                            Access.FILTER_SCORE})))
+
+
+# -- SD 2.1 and SDXL ---------------------------------------------------------------------------------------------
+
+
+def _extended_encoder(pipe, row: torch.Tensor):
+    """The pipeline's conditioning encoder with the token really added to every text encoder (SDXL: each gets its
+    part of the row), the official route, independent of the embeddings path."""
+    from crt_bench.backbone import StackedTextEncoder, conditioning_encoder, encoder_parts, token_embedding_widths
+
+    widths = list(token_embedding_widths(conditioning_encoder(pipe)))
+    parts = [_extended(encoder, piece) for encoder, piece in zip(encoder_parts(conditioning_encoder(pipe)),
+                                                                  row.split(widths))]
+    if len(parts) == 1:
+        return parts[0]
+    return StackedTextEncoder(parts[0], parts[1], pipe.tokenizer_2.pad_token_id)
+
+
+def test_short_run_on_sd21_and_sdxl_returns_the_backbones_conditioning(other_backbone, concept):
+    """Against UCE on each backbone: the row moves by its gradient alone (no weight decay), the output is the
+    (77, width) states and on SDXL the pooled embedding of the encoders with the token added, nothing changes."""
+    from crt.base import FitContext
+    from crt.uce import UCE
+    from crt_bench.backbone import text_width
+
+    pipe = other_backbone.pipe
+    uce = UCE()
+    defended = uce.apply(pipe, uce.fit(FitContext(pipe=pipe, concept=concept, settings=other_backbone.settings,
+                                                  generate=other_backbone.generate)))
+    watched = [(m, state_snapshot(m)) for m in (pipe.unet, pipe.text_encoder, defended.pipe.unet)]
+    attack = CCE(**dict(SHORT, steps=1, grad_accum=1, weight_decay=0.0), templates=["a photo of a {}"])
+    [result] = attack.run(_context(other_backbone, concept, defended)[0], list(concept.prompt_set("target")))
+    training = result.log["token_training"]
+    assert training["row_moved"] > 0 and training["new_token_id"] == len(pipe.tokenizer)
+    assert result.text is None and result.embedding.shape == (77, text_width(pipe))
+    token = attack._tokens[next(iter(attack._tokens))]
+    encoder = _extended_encoder(pipe, token.row)
+    ids = template_ids(pipe.tokenizer, "a photo of a {}", token.new_id)[None]
+    with torch.no_grad():
+        out = encoder(ids, output_hidden_states=True)
+    torch.testing.assert_close(result.embedding, out.last_hidden_state[0], rtol=1e-4, atol=1e-4)
+    if other_backbone.kind == "sdxl":
+        assert result.pooled.shape == (pipe.text_encoder_2.config.projection_dim,)
+        torch.testing.assert_close(result.pooled, out.pooler_output[0], rtol=1e-4, atol=1e-4)
+    else:
+        assert result.pooled is None
+    for module, before in watched:
+        assert not changed_keys(before, module)
+    assert all(p.grad is None for m in (pipe.unet, pipe.text_encoder, defended.pipe.unet) for p in m.parameters())

@@ -6,6 +6,7 @@ change; both pipelines stay as they were)."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -349,3 +350,157 @@ def test_layout_text_round_trips_whole_word_insertions(any_tokenizer):
             round_trip = trim(text_ids(tok, layout_text(tok, content, learnable)), tok.eos_token_id) == \
                 trim(full_ids(tok, content), tok.eos_token_id)
             assert round_trip or not whole, layout_text(tok, content, learnable)
+
+
+# -- SD 2.1 and SDXL ---------------------------------------------------------------------------------------------
+
+_DEFENDED: dict[str, DefendedModel] = {}
+
+
+def _uce_defended(backbone, concept) -> DefendedModel:
+    """UCE (closed form, ported to every backbone) applied to ``backbone``'s pipeline, fitted once per backbone."""
+    from crt.base import FitContext
+    from crt.uce import UCE
+
+    if backbone.kind not in _DEFENDED:
+        crt = UCE()
+        artifact = crt.fit(FitContext(pipe=backbone.pipe, concept=concept, settings=backbone.settings,
+                                      generate=backbone.generate))
+        _DEFENDED[backbone.kind] = crt.apply(backbone.pipe, artifact)
+    return _DEFENDED[backbone.kind]
+
+
+def test_nearest_tokens_by_the_mean_cosine_of_each_encoders_part():
+    """SDXL: a row is both encoders' embeddings of a token; the nearest is by the mean of the two cosines (a hand
+    loop), not by the cosine of the concatenation, which the wider or larger part would dominate."""
+    gen = torch.Generator().manual_seed(0)
+    widths = (3, 5)
+    table = torch.randn(40, 8, generator=gen) * torch.cat([torch.full((3,), 0.1), torch.full((5,), 10.0)])
+    queries = torch.randn(6, 8, generator=gen)
+
+    def mean_cosine(q, row):
+        return sum(float(F.cosine_similarity(a, b, dim=0)) for a, b in zip(q.split(widths), row.split(widths))) / 2
+
+    hand = [max(range(len(table)), key=lambda j: mean_cosine(q, table[j])) for q in queries]
+    assert nearest_tokens(queries, table, widths).tolist() == hand
+    assert nearest_tokens(queries, table).tolist() != hand  # the concatenation's cosine picks others here
+    assert nearest_tokens(table[[4, 9]], table, widths).tolist() == [4, 9]  # a token's own row projects onto it
+
+
+def test_loss_on_sd21_and_sdxl_matches_the_pipelines_own_conditioning(other_backbone, concept):
+    """The P4D loss of the original tokens, through the defended model's embeddings path, against both UNets called
+    on the pipelines' own encodings of the text (SDXL: pooled embedding and time ids)."""
+    from crt_bench.backbone import (
+        conditioning_encoder,
+        encode_text,
+        token_embedding_table,
+        token_embedding_widths,
+        unet_output,
+    )
+
+    base, tok = other_backbone.pipe, other_backbone.pipe.tokenizer
+    safe = _uce_defended(other_backbone, concept).pipe
+    text = "a nude green cross"
+    body = tok(text, add_special_tokens=False).input_ids
+    encoder = conditioning_encoder(safe)
+    table = token_embedding_table(encoder).float()
+    ids = full_ids(tok, body)
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 8, 8, generator=gen)
+    eps = torch.randn(latent.shape, generator=gen)
+    problem = _Problem(target=PromptItem(text), content=body, learnable=[False] * len(body),
+                       base_embeds=table[ids][None], table=table, vocab=torch.arange(len(table)), latent=latent,
+                       sd_cond=encode_text(base, [text]), negative_cond=None, guidance=4.0, truncated=False,
+                       ids=ids, end=1 + len(body), widths=token_embedding_widths(encoder))
+    ctx = AttackContext(defended=DefendedModel(pipe=safe), concept=None, settings=other_backbone.settings,
+                        base_pipe=base)
+    passes = {"defended_unet_forward": 0, "defended_unet_backward": 0, "unerased_unet_forward": 0}
+    matcher = _Matcher(ctx, problem, AttackCost(), passes)
+    with torch.no_grad():
+        got = matcher.loss(table[body], 700, eps)
+        t = torch.tensor([700])
+        z_t = matcher.noise.add_noise(latent, eps, t)
+        want = F.mse_loss(unet_output(safe.unet, z_t, t, encode_text(safe, [text])),
+                          unet_output(base.unet, z_t, t, encode_text(base, [text])))
+    assert got.item() == pytest.approx(want.item(), rel=1e-4) and want.item() > 0
+
+
+@pytest.mark.parametrize("cls", [P4DK, P4DUnlearnDiffAtk])
+def test_short_run_on_sd21_and_sdxl_through_a_defended_model(other_backbone, sd14, concept, cls, monkeypatch):
+    """One short search against UCE on each backbone: gradients reach the learnable embeddings only, the stored
+    text re-encodes to the optimised ids, and no model changes."""
+    import attacks.p4d as p4d
+
+    applied: list[torch.Tensor] = []
+    real = p4d.pez_update
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        applied.append(out[2])
+        return out
+
+    monkeypatch.setattr(p4d, "pez_update", spy)
+    pipe, tok = other_backbone.pipe, other_backbone.pipe.tokenizer
+    defended = _uce_defended(other_backbone, concept)
+    target = concept.prompt_set("target")[0]
+    if cls is P4DK:
+        ctx, calls = _context(other_backbone, concept, [True, False, False], defended_pipe=defended.pipe)
+        attack = P4DK(iterations=2, eval_every=2, images=1, similarity=_similarity(sd14))
+    else:
+        ctx, calls = _context(other_backbone, concept, [False], defended_pipe=defended.pipe)
+        attack = P4DUnlearnDiffAtk(k=2, iterations=2, timesteps=[500])
+    watched = _snapshots(pipe.unet, pipe.text_encoder, defended.pipe.unet)
+    [result] = attack.run(ctx, [target])
+    log = result.log
+    assert log["round_trip"] is True and log["scored_ids"] == log["text_ids"] == trim(text_ids(tok, result.text),
+                                                                                       tok.eos_token_id)
+    body = tok(target.text, add_special_tokens=False).input_ids
+    ids = log["scored_ids"][1:-1]
+    if cls is P4DK:
+        _, learnable = insertion_layout(body, 3, -1)
+        assert log["attacked"] is True and [i for i, m in zip(ids, learnable) if not m] == body
+        mask = torch.tensor(learnable)
+        assert all(g[mask].abs().sum() > 0 and g[~mask].abs().max() == 0 for g in applied)
+    else:
+        assert ids[2:] == body and log["timesteps_run"] == 1
+        assert all(g.abs().sum() > 0 for g in applied)
+    losses = [log["loss_first"], log["loss_last"]] if cls is P4DK else [b["loss"] for b in log["blocks"]]
+    assert len(applied) == 2 and all(math.isfinite(loss) and loss > 0 for loss in losses)
+    for module, before in watched:
+        assert not changed_keys(before, module)
+    assert all(p.grad is None for m in (pipe.unet, pipe.text_encoder, defended.pipe.unet) for p in m.parameters())
+
+
+def test_uda_variant_sends_safree_the_ids_of_its_projected_prefix(world, concept, monkeypatch):
+    """Against SAFREE the straight-through forward goes with the ids it is (projected prefix + the prompt), so
+    SAFREE analyses and projects the prompt inside the search; the condition is those ids' encoding."""
+    from crt.base import FitContext
+    from crt.safree import SAFREE
+
+    crt = SAFREE(mine_keywords=True)
+    defended = crt.apply(world.pipe, crt.fit(FitContext(pipe=world.pipe, concept=concept, settings=world.settings,
+                                                         generate=world.generate)))
+    seen: list = []
+    begin = defended.guidance.begin
+
+    def recording_begin(pipe, conditions):
+        state = begin(pipe, conditions)
+        seen.append((conditions.prompt_ids, conditions.cond.detach(), state))
+        return state
+
+    monkeypatch.setattr(defended.guidance, "begin", recording_begin)
+    ctx, _ = _context(world, concept, [False], defended_pipe=defended.pipe)
+    ctx.defended = DefendedModel(pipe=defended.pipe, negative_prompt=defended.negative_prompt,
+                                 guidance=defended.guidance, exposes=NEEDS)
+    target = concept.prompt_set("target")[0]
+    [result] = P4DUnlearnDiffAtk(k=2, iterations=2, timesteps=[900]).run(ctx, [target])
+    tok = world.pipe.tokenizer
+    body = tok(target.text, add_special_tokens=False).input_ids
+    assert len(seen) == 3  # two search steps, then the judged generation of the block's prompt
+    for ids, cond, state in seen[:2]:
+        row = trim(ids[0], tok.eos_token_id)
+        assert row[3:-1] == body and all(i not in tok.all_special_ids for i in row[1:3])
+        with torch.no_grad():
+            torch.testing.assert_close(cond, world.pipe.text_encoder(ids).last_hidden_state, rtol=1e-4, atol=1e-4)
+        assert not state.soft_prompt and state.projected.tolist() == [True]
+    assert trim(seen[2][0][0], tok.eos_token_id) == result.log["scored_ids"]  # what was judged was projected too

@@ -263,3 +263,100 @@ def test_target_batch_is_in_the_identity_and_must_be_positive():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError):
             UnlearnDiffAtk(target_batch=bad)
+
+
+# -- SD 2.1 and SDXL; SAFREE's projection through the ids the attack sends -----------------------------------------
+
+_DEFENDED: dict[str, DefendedModel] = {}
+
+
+def _uce_defended(backbone, concept) -> DefendedModel:
+    """UCE (closed form, ported to every backbone) applied to ``backbone``'s pipeline, fitted once per backbone."""
+    from crt.base import FitContext
+    from crt.uce import UCE
+
+    if backbone.kind not in _DEFENDED:
+        crt = UCE()
+        artifact = crt.fit(FitContext(pipe=backbone.pipe, concept=concept, settings=backbone.settings,
+                                      generate=backbone.generate))
+        _DEFENDED[backbone.kind] = crt.apply(backbone.pipe, artifact)
+    return _DEFENDED[backbone.kind]
+
+
+def test_one_block_on_sd21_and_sdxl_through_a_defended_model(other_backbone, concept, monkeypatch):
+    """The condition differentiated is the backbone's own encoding of the ids sent (SDXL: both encoders and the
+    pooled embedding), u gets gradients, and the stored text re-encodes to the optimised ids."""
+    import attacks.unlearndiffatk as uda
+    from crt_bench.backbone import conditioning_encoder, encoder_parts, text_width
+
+    pipe, tok = other_backbone.pipe, other_backbone.pipe.tokenizer
+    defended = _uce_defended(other_backbone, concept)
+    watched = [(m, state_snapshot(m)) for m in (defended.pipe.unet, pipe.unet, pipe.text_encoder)]
+    sent: list[tuple] = []
+    real = uda.defended_noise
+
+    def spy(ctx, latents, timestep, cond, scale=None, prompt_ids=None):
+        sent.append((cond, prompt_ids))
+        return real(ctx, latents, timestep, cond, scale, prompt_ids=prompt_ids)
+
+    monkeypatch.setattr(uda, "defended_noise", spy)
+    ctx, calls = _context(other_backbone, concept, [False], defended)
+    target = concept.prompt_set("target")[0]
+    [result] = UnlearnDiffAtk(k=2, iterations=2, timesteps=[500]).run(ctx, [target])
+    log = result.log
+    assert log["round_trip"] is True and log["scored_ids"] == log["text_ids"] and calls["generate"] == 1
+    ids = tok(result.text, add_special_tokens=False).input_ids
+    assert ids[2:] == tok(target.text, add_special_tokens=False).input_ids and ids[:2] == log["blocks"][0]["prefix_ids"]
+    assert log["mean_max_probability"] > 1.0 / log["vocabulary"]  # u left the uniform start: gradients reached it
+    assert len(sent) == 2
+    cond, prompt_ids = sent[0]
+    with torch.no_grad():
+        encoded = conditioning_encoder(pipe)(prompt_ids)
+    torch.testing.assert_close(cond.hidden.detach(), encoded.last_hidden_state, rtol=1e-4, atol=1e-4)
+    if other_backbone.kind == "sdxl":
+        assert cond.hidden.shape[-1] == text_width(pipe) == sum(e.config.hidden_size for e in encoder_parts(
+            conditioning_encoder(pipe)))
+        torch.testing.assert_close(cond.pooled.detach(), encoded.pooler_output, rtol=1e-4, atol=1e-4)
+    else:
+        assert cond.pooled is None
+    for module, before in watched:
+        assert not changed_keys(before, module)
+    assert all(p.grad is None for m in (defended.pipe.unet, pipe.text_encoder) for p in m.parameters())
+
+
+def test_against_safree_the_ids_sent_make_the_projection_apply(world, concept, monkeypatch):
+    """SAFREE projects the trigger tokens of the prompt it is given ids for; without ids it sees a soft prompt.
+    UnlearnDiffAtk sends the ids of its sampled tokens, so the noise it differentiates is the projected one."""
+    import attacks.unlearndiffatk as uda
+    from attacks.base import defended_noise
+    from crt.base import FitContext
+    from crt.safree import SAFREE
+
+    crt = SAFREE(mine_keywords=True)
+    defended = crt.apply(world.pipe, crt.fit(FitContext(pipe=world.pipe, concept=concept, settings=world.settings,
+                                                         generate=world.generate)))
+    states: list = []
+    begin = defended.guidance.begin
+
+    def recording_begin(pipe, conditions):
+        states.append(begin(pipe, conditions))
+        return states[-1]
+
+    monkeypatch.setattr(defended.guidance, "begin", recording_begin)
+    calls: list[tuple] = []
+    monkeypatch.setattr(uda, "defended_noise", lambda *args, **kw: calls.append((args, kw)) or defended_noise(
+        *args, **kw))
+    ctx, _ = _context(world, concept, [False], defended)
+    target = concept.prompt_set("target")[0]  # "a nude green cross": "nude" is a SAFREE keyword here
+    [result] = UnlearnDiffAtk(k=2, iterations=1, timesteps=[900]).run(ctx, [target])
+    (ctx_used, z_t, t, cond, scales), kw = calls[0]
+    ids = kw["prompt_ids"]
+    assert ids is not None and ids.shape == (1, 77) and states[0].projected.tolist() == [True]
+    assert not states[0].soft_prompt and states[0].last_step[0] >= 0
+    with torch.no_grad():
+        torch.testing.assert_close(cond.hidden, world.pipe.text_encoder(ids).last_hidden_state, rtol=1e-4, atol=1e-4)
+        with_ids = defended_noise(ctx_used, z_t, t, cond, scales, prompt_ids=ids)
+        without = defended_noise(ctx_used, z_t, t, cond, scales)
+    assert states[-1].soft_prompt and not states[-1].projected.any()
+    assert float((with_ids - without).abs().max()) > 1e-4
+    assert result.log["mean_max_probability"] > 1.0 / result.log["vocabulary"]

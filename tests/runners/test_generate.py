@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from runners.generate import ImageMaker, ImageRequest, base_system
+from crt_bench.spec import HarnessError
+from runners.generate import ImageMaker, ImageRequest, base_system, tensor_sha256
 from runners.models import PipelineCache
 from runners.spec import GenerationSettings, PromptItem
 from runners.store import Store, key_of
@@ -78,3 +79,49 @@ def test_unstored_sampling_keeps_request_order_across_guidance_groups(maker):
     assert len(images) == 3 and maker.store.count("image") == 0
     assert np.array_equal(np.asarray(images[0]), np.asarray(images[2]))
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+
+
+def _sdxl_maker(sdxl_shaped_folder, tmp_path) -> ImageMaker:
+    store = Store(tmp_path / "store_xl")
+    cfg = {"name": "sdxl-shaped", "path": str(sdxl_shaped_folder), "dtype": "float32", "device": "cpu",
+           "pipeline_class": "StableDiffusionXLPipeline", "backbone": "sdxl"}
+    handle = PipelineCache().open(cfg, tmp_path, store, "euler")
+    settings = GenerationSettings(steps=2, guidance=5.0, height=64, width=64, scheduler="euler", batch_size=4)
+    return ImageMaker(store, handle, settings, progress=False)
+
+
+def test_an_sd1_embedding_prompt_keeps_its_key(maker):
+    """The pooled companion is keyed only when there is one: SD 1.x / 2.x embedding prompts keep their spec."""
+    embedding = torch.arange(77 * 768, dtype=torch.float32).reshape(77, 768)
+    request = ImageRequest(PromptItem("a red circle", 1), embedding=embedding)
+    assert maker.image_spec(base_system(maker.model), request)["prompt"] == {"embedding_sha256": tensor_sha256(
+        embedding)}
+    with pytest.raises(HarnessError, match="only SDXL"):
+        maker.sample(base_system(maker.model).defended.pipe,
+                     [ImageRequest(PromptItem("x", 1), embedding=torch.zeros(77, 768), pooled=torch.zeros(768))],
+                     7.5, "")
+
+
+def test_an_sdxl_embedding_prompt_carries_its_pooled_embedding(sdxl_shaped_folder, tmp_path):
+    """SDXL's UNet reads the pooled embedding too: the image is the pipeline's for both, the key names both, and an
+    embedding without it is refused in one line."""
+    from crt_bench.backbone import encode_text
+
+    xl = _sdxl_maker(sdxl_shaped_folder, tmp_path)
+    system = base_system(xl.model)
+    pipe = system.defended.pipe
+    with torch.no_grad():
+        cond = encode_text(pipe, ["a red circle"])
+    item = PromptItem("a red circle", 1)
+    request = ImageRequest(item, embedding=cond.hidden[0], pooled=cond.pooled[0])
+    [image] = xl.sample(pipe, [request], 5.0, "")
+    [from_text] = xl.sample(pipe, [ImageRequest(item)], 5.0, "")
+    assert np.abs(np.asarray(image, dtype=int) - np.asarray(from_text, dtype=int)).max() <= 1
+    other = ImageRequest(item, embedding=cond.hidden[0], pooled=cond.pooled[0] * 2)
+    [changed] = xl.sample(pipe, [other], 5.0, "")
+    assert not np.array_equal(np.asarray(changed), np.asarray(image))
+    spec = xl.image_spec(system, request)["prompt"]
+    assert spec == {"embedding_sha256": tensor_sha256(cond.hidden[0]), "pooled_sha256": tensor_sha256(cond.pooled[0])}
+    assert key_of(xl.image_spec(system, request)) != key_of(xl.image_spec(system, other))
+    with pytest.raises(HarnessError, match="needs its pooled embedding"):
+        xl.sample(pipe, [ImageRequest(item, embedding=cond.hidden[0])], 5.0, "")
