@@ -310,8 +310,9 @@ def _adversarial_request(request: Any, found: Any) -> Any:
     from runners.generate import ImageRequest
 
     value = found.value
-    embedding = load_file(str(found.path / "embedding.safetensors"))["embedding"] if value.get("embedding") else None
-    return ImageRequest(request.item, request.index, text=value.get("text"), embedding=embedding)
+    tensors = load_file(str(found.path / "embedding.safetensors")) if value.get("embedding") else {}
+    return ImageRequest(request.item, request.index, text=value.get("text"), embedding=tensors.get("embedding"),
+                        pooled=tensors.get("pooled"))
 
 
 # -- thumbnails -------------------------------------------------------------------------------------------------

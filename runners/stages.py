@@ -469,7 +469,10 @@ def store_adversarial(run: Run, target: PromptItem, adv: AdversarialPrompt | Non
         return
 
     def write(folder: Path) -> dict[str, Any]:
-        save_file({"embedding": adv.embedding.detach().to("cpu").contiguous()}, str(folder / "embedding.safetensors"))
+        tensors = {"embedding": adv.embedding.detach().to("cpu").contiguous()}
+        if adv.pooled is not None:  # SDXL: the embedding's pooled companion, in the same file
+            tensors["pooled"] = adv.pooled.detach().to("cpu").contiguous()
+        save_file(tensors, str(folder / "embedding.safetensors"))
         return value
 
     run.store.put_files("adversarial_prompt", spec, write)
@@ -480,8 +483,9 @@ def load_adversarial(run: Run, target: PromptItem) -> AdversarialPrompt | None:
     if entry is None or not entry.value.get("found"):
         return None
     value = entry.value
-    embedding = load_file(str(entry.path / "embedding.safetensors"))["embedding"] if value["embedding"] else None
-    return AdversarialPrompt(target=target, text=value["text"], embedding=embedding, cost=AttackCost(**value["cost"]),
+    tensors = load_file(str(entry.path / "embedding.safetensors")) if value["embedding"] else {}
+    return AdversarialPrompt(target=target, text=value["text"], embedding=tensors.get("embedding"),
+                             pooled=tensors.get("pooled"), cost=AttackCost(**value["cost"]),
                              succeeded_during_search=value["succeeded_during_search"], log=value["log"])
 
 
@@ -506,7 +510,7 @@ def stage_generate(run: Run) -> None:
     if run.attack.target_set not in EVALUATED_SETS:  # the attack's own target set: its unattacked images (pre-ASR)
         run.records[target_records_name(run)] = run.maker.make(run.defended, run.maker.requests(targets),
                                                                run.attack.target_set)
-    requests = [ImageRequest(r.item, r.index, text=adv.text, embedding=adv.embedding)
+    requests = [ImageRequest(r.item, r.index, text=adv.text, embedding=adv.embedding, pooled=adv.pooled)
                 for r in run.maker.requests(targets)
                 if (adv := run.adversarial.get(_target_id(r.item))) is not None]
     run.records["adversarial/unacceptable"] = run.maker.make(run.defended, requests, "adversarial") if requests else []

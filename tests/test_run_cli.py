@@ -110,3 +110,26 @@ def test_ring_a_bell_runs_end_to_end_on_the_other_backbones(model: str, folder_f
     assert result.returncode == 0, result.stderr[-2000:]
     runs = list((tmp_path / "results" / "runs").glob("*.json"))
     assert len(runs) == 1 and f"{model}__world_nudity__none__ringabell" in runs[0].name
+
+
+def test_cce_embeddings_render_end_to_end_on_sdxl(sdxl_shaped_folder: Path, tmp_path: Path):
+    """CCE's output on SDXL is 77 x 2048 states plus a pooled embedding: both are stored with the adversarial
+    prompt, keyed in the image spec and passed to the SDXL pipeline (a rerun recomputes nothing)."""
+    args = ["model=sdxl", "concept=world_nudity", "crt=none", "attack=cce", f"model.path={sdxl_shaped_folder}",
+            "model.max_prompts_per_set=2", "model.max_attack_targets=2", "attack.params.steps=2",
+            "attack.params.num_train_images=2", "attack.params.batch_size=1", "model.generation.steps=2",
+            "model.generation.height=64", "model.generation.width=64",
+            "+model.evaluator.handler=tests.runners.fakes.FakeEvaluator", "judge.from_concept=false",
+            "+judge.handler=tests.runners.fakes.FakeJudge", f"store.root={tmp_path / 'store'}",
+            f"results.dir={tmp_path / 'results'}", "metric.bootstrap.n_boot=50", "progress=false",
+            f"hydra.run.dir={tmp_path / 'outputs'}"]
+    first = _run(*args, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    stored = [load_file(str(p)) for p in (tmp_path / "store").rglob("embedding.safetensors")]
+    assert len(stored) == 2 and all(t["embedding"].shape[-1] == 2048 and t["pooled"].shape[-1] == 1280
+                                    for t in stored)
+    second = _run(*args, "skip_committed=false", timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "images generated: 0" in (tmp_path / "outputs" / "run.log").read_text()
