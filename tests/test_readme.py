@@ -1,0 +1,47 @@
+"""The README's generated tables are what the catalogue generates now: a plug-in added or changed without them fails."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from runners.catalog import build_catalog, crt_table_markdown, support_markdown
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def block(name: str) -> str:
+    found = re.search(rf"<!-- {name} -->\n(.*?)<!-- /{name} -->", README.read_text(), re.S)
+    assert found, f"README has no {name} block"
+    return found.group(1).strip()
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return build_catalog()
+
+
+def test_the_crt_table_is_generated(catalog):
+    assert block("crt-table") == "\n".join(crt_table_markdown(catalog)), "run: python -m tests.test_readme"
+
+
+def test_the_support_matrix_is_generated(catalog):
+    assert block("support-matrix") == "\n".join(support_markdown(catalog)[4:]).strip(), \
+        "run: python -m tests.test_readme"
+
+
+def write() -> None:
+    """Regenerate the README's blocks in place (``python -m tests.test_readme``)."""
+    catalog = build_catalog()
+    text = README.read_text()
+    blocks = (("crt-table", crt_table_markdown(catalog)), ("support-matrix", support_markdown(catalog)[4:]))
+    for name, lines in blocks:
+        replacement = f"<!-- {name} -->\n{chr(10).join(lines).strip()}\n<!-- /{name} -->"
+        text = re.sub(rf"<!-- {name} -->\n.*?<!-- /{name} -->", lambda _, r=replacement: r, text, flags=re.S)
+    README.write_text(text)
+
+
+if __name__ == "__main__":
+    write()
