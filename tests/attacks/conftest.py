@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.crt.conftest import concept, other_backbone, sd14, sd21, sdxl, tiny, world  # noqa: F401
+from tests.crt.conftest import (  # noqa: F401
+    concept,
+    other_backbone,
+    sd14,
+    sd21,
+    sdxl,
+    shared_pipelines_keep_no_gradients,
+    tiny,
+    world,
+)
 from world.tokenizer import bytes_to_unicode
 
 WORLD_TOKENIZER = Path(__file__).resolve().parents[2] / "world" / "weights" / "pipeline" / "tokenizer"

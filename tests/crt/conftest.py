@@ -200,3 +200,18 @@ class OracleUNet(torch.nn.Module):
 
 
 GenerateFn = Callable[[list[PromptItem]], list[Any]]
+
+
+@pytest.fixture(autouse=True)
+def shared_pipelines_keep_no_gradients(request):
+    """The session's pipelines are shared by every test: a test (or a fit) that backpropagates into them leaves
+    ``.grad`` behind, which a later test reading gradients would misread. Fails the test that leaked, not a later
+    one."""
+    yield
+    for name in ("tiny", "other_backbone", "sd14", "world", "sd21", "sdxl"):
+        if name not in request.fixturenames:
+            continue
+        pipe = request.getfixturevalue(name).pipe
+        leaked = [n for module in (pipe.unet, pipe.text_encoder) for n, p in module.named_parameters()
+                  if p.grad is not None]
+        assert not leaked, f"gradients left on the shared {name} pipeline: {leaked[:3]}"
