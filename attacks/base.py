@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 
 from crt.base import DefendedModel
-from crt.guidance import Conditions, step_of_timestep
+from crt.guidance import Conditions, condition_like, repeat_rows, step_of_timestep
 from crt_bench import progress
 from crt_bench.backbone import ONLY_SD1, Condition, TextConditioning, unet_output, vae_factor
 from crt_bench.spec import (
@@ -192,15 +192,17 @@ def defended_noise(ctx: AttackContext, latents: torch.Tensor, timestep: torch.Te
     ``prompt_ids`` (B, 77): the token ids ``cond`` encodes, when the attack forwards real tokens (P4D's and
     UnlearnDiffAtk's projected or sampled ones); a guidance that reads the prompt's tokens (SAFREE's projection)
     then analyses them as it does at generation, else it meets a soft prompt (:class:`crt.guidance.Conditions`).
-    Sampling-loop defences run on SD 1.x / 2.x only (``GuidedPipeline`` is their loop), so a pooled condition
-    there is refused."""
+    A pooled (SDXL) condition goes to a guidance that handles one (``Guidance.pooled_conditions``: CFG, SLD) with
+    SDXL's deployed unconditional branch (``encode_prompt``'s, the zero conditioning for an empty negative prompt);
+    a guidance that reads SD 1.x / 2.x token states only (SAFREE) refuses it."""
     defended, pipe = ctx.defended, ctx.defended.pipe
     if isinstance(cond, TextConditioning) and cond.pooled is None:
         cond = cond.hidden
     if defended.guidance is None:
         return unet_output(pipe.unet, latents.to(pipe.unet.dtype), timestep, cond, vae_factor(pipe))
-    if isinstance(cond, TextConditioning):
-        raise HarnessError(f"{defended.crt_name}: a sampling-loop defence takes SD 1.x / 2.x token states, not a "
+    pooled = isinstance(cond, TextConditioning)
+    if pooled and not getattr(defended.guidance, "pooled_conditions", False):
+        raise HarnessError(f"{defended.crt_name}: this sampling-loop defence takes SD 1.x / 2.x token states, not a "
                            "pooled (SDXL) condition")
     rows = latents.shape[0]
     timesteps = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(rows)
@@ -209,7 +211,9 @@ def defended_noise(ctx: AttackContext, latents: torch.Tensor, timestep: torch.Te
               if guidance_scale is None or isinstance(guidance_scale, (int, float)) else
               [float(s) for s in guidance_scale])
     negative = defended.negative_prompt if defended.negative_prompt is not None else ctx.settings.negative_prompt
-    uncond = _encoded_text(pipe, negative or "").to(cond.device, cond.dtype)
+    uncond = condition_like(_sdxl_unconditional(pipe, negative) if pooled else _encoded_text(pipe, negative or ""),
+                            cond)
+    factor = vae_factor(pipe)
     sampler = _deployed_sampler(pipe, ctx.settings.scheduler)
     groups: dict[tuple[float, float], list[int]] = {}
     for i in range(rows):
@@ -219,7 +223,8 @@ def defended_noise(ctx: AttackContext, latents: torch.Tensor, timestep: torch.Te
         at = torch.tensor(index, device=latents.device)
         t = timesteps[at]
         ids = None if prompt_ids is None else prompt_ids.to(latents.device)[at]
-        conditions = Conditions(cond=cond[at], uncond=uncond.expand(len(index), -1, -1), scale=scale, prompt_ids=ids)
+        uncond_rows = repeat_rows(uncond, len(index)) if pooled else uncond.expand(len(index), -1, -1)
+        conditions = Conditions(cond=cond[at], uncond=uncond_rows, scale=scale, prompt_ids=ids, vae_factor=factor)
         state = defended.guidance.begin(pipe, conditions)
         # the group's one timestep as a 0-d tensor: it broadcasts over the CFG branches a guidance batches
         step = replace(step_of_timestep(sampler, ctx.settings.steps, t[0]), timestep=t[0])
@@ -254,6 +259,17 @@ def _encoded_text(pipe: Any, text: str) -> torch.Tensor:
                          return_tensors="pt").input_ids
     with torch.no_grad():
         return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+
+
+def _sdxl_unconditional(pipe: Any, negative: str | None) -> TextConditioning:
+    """SDXL's unconditional branch as its pipeline makes it for a run with this negative prompt (the runner passes
+    none when it is empty): ``encode_prompt``'s, i.e. the zero conditioning under ``force_zeros_for_empty_prompt``;
+    no gradient."""
+    with torch.no_grad():
+        _, hidden, _, pooled = pipe.encode_prompt(prompt="", device=pipe.text_encoder.device,
+                                                  num_images_per_prompt=1, do_classifier_free_guidance=True,
+                                                  negative_prompt=negative or None)
+    return TextConditioning(hidden, pooled)
 
 
 def _deployed_sampler(pipe: Any, name: str) -> Any:

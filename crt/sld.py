@@ -21,6 +21,12 @@ for SD's 50); null keeps the paper's absolute count.
 preset and the warm-up tested on the timestep value (``t >= delta``) instead of the step index, which applies the
 safety term from the first step. The default is the paper's / diffusers' behaviour.
 
+Backbones: SD 1.x / 2.x and SDXL. The safety concept is encoded by the backbone's own text stack
+(``crt_bench.backbone.encode_text``: on SDXL both encoders' penultimate states and the pooled embedding, as the
+prompt is), and its branch gets the same time ids as the prompt's; the formula is unchanged. On SDXL the loop is
+``crt.guidance.GuidedXLPipeline`` (``StableDiffusionXLPipeline``'s), whose unconditional branch of an empty negative
+prompt is the zero conditioning (``force_zeros_for_empty_prompt``); the paper only ran SD 1.x.
+
 White-box attacks (``attacks.base.defended_noise``) differentiate :meth:`SafeLatentGuidance.noise` for one noised
 latent and timestep; SLD is only defined inside the sampling loop, so what they attack is a reconstruction (the
 class's ``reconstruction``): the guided noise of one step with the momentum nu = 0 (a fresh loop state) and the
@@ -35,8 +41,17 @@ from typing import Any, ClassVar
 import torch
 
 from crt.base import CRT, OPEN_WEIGHTS, Artifact, DefendedModel, FitContext
-from crt.guidance import Conditions, Guidance, GuidedPipeline, Step, branches, unet_noise
-from crt_bench.backbone import SD1, SD2
+from crt.guidance import (
+    Conditions,
+    Guidance,
+    GuidedPipeline,
+    Step,
+    branches,
+    condition_like,
+    repeat_rows,
+    unet_noise,
+)
+from crt_bench.backbone import UNET_FAMILY, Condition, encode_text
 from crt_bench.spec import Access, Family
 
 # The paper's default safety concept (diffusers' StableDiffusionPipelineSafe, ml-research/safe-latent-diffusion).
@@ -82,9 +97,10 @@ def safety_term(eps_text: torch.Tensor, eps_uncond: torch.Tensor, eps_safety: to
 
 @dataclass
 class SLDState:
-    """One sampling run: the safety concept's condition (repeated to the batch) and the momentum nu_t."""
+    """One sampling run: the safety concept's condition (repeated to the batch; with its pooled embedding on SDXL)
+    and the momentum nu_t."""
 
-    safety: torch.Tensor
+    safety: Condition
     momentum: torch.Tensor | None = None
 
 
@@ -93,6 +109,7 @@ class SafeLatentGuidance(Guidance):
 
     name = "sld"
     unet_calls = 3  # eps_0, eps_p, eps_S
+    pooled_conditions = True
 
     def __init__(self, config: SLDConfig, safety_concept: str, warmup_by: str = "step",
                  warmup_reference_steps: int | None = None):
@@ -102,26 +119,26 @@ class SafeLatentGuidance(Guidance):
             raise ValueError("SLD: warmup_reference_steps is a positive step count, for a warm-up counted in steps")
         self.config, self.safety_concept, self.warmup_by = config, safety_concept, warmup_by
         self.warmup_reference_steps = warmup_reference_steps
-        self._encoded: tuple[Any, torch.Tensor] | None = None  # (text encoder, its encoding of the safety concept)
+        self._encoded: tuple[tuple[Any, ...], Condition] | None = None  # (text encoders, the concept's encoding)
 
     @property
     def enabled_scale(self) -> bool:
         return self.config.guidance_scale > 1.0
 
-    def safety_condition(self, pipe: Any) -> torch.Tensor:
-        """The safety concept through ``pipe``'s text encoder, (1, 77, width), encoded once per encoder."""
-        if self._encoded is None or self._encoded[0] is not pipe.text_encoder:
-            ids = pipe.tokenizer([self.safety_concept], padding="max_length",
-                                 max_length=pipe.tokenizer.model_max_length, truncation=True,
-                                 return_tensors="pt").input_ids
+    def safety_condition(self, pipe: Any) -> Condition:
+        """The safety concept through ``pipe``'s text stack, encoded once per text encoder(s): SD 1.x / 2.x's
+        (1, 77, width) states (what diffusers' StableDiffusionPipelineSafe encodes); on SDXL a TextConditioning
+        with the pooled embedding, as SDXL encodes a prompt."""
+        encoders = (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+        if self._encoded is None or any(a is not b for a, b in zip(self._encoded[0], encoders)):
             with torch.no_grad():
-                encoded = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
-            self._encoded = (pipe.text_encoder, encoded)
+                encoded = encode_text(pipe, [self.safety_concept])
+            self._encoded = (encoders, encoded.hidden if encoded.pooled is None else encoded)
         return self._encoded[1]
 
     def begin(self, pipe: Any, conditions: Conditions) -> SLDState:
-        safety = self.safety_condition(pipe).to(conditions.cond.device, conditions.cond.dtype)
-        return SLDState(safety=safety.repeat(conditions.cond.shape[0], 1, 1))
+        safety = condition_like(self.safety_condition(pipe), conditions.cond)
+        return SLDState(safety=repeat_rows(safety, conditions.rows))
 
     def warmup(self, total: int) -> int:
         """The warm-up in steps of a ``total``-step loop: the paper's count, or rescaled from the reference loop."""
@@ -137,13 +154,14 @@ class SafeLatentGuidance(Guidance):
 
     def noise(self, unet: Any, latents: torch.Tensor, step: Step, conditions: Conditions, state: SLDState
               ) -> torch.Tensor:
+        factor = conditions.vae_factor
         if not conditions.guided:
-            return unet_noise(unet, latents, step.timestep, conditions.cond)
+            return unet_noise(unet, latents, step.timestep, conditions.cond, factor)
         if not self.enabled_scale:
-            uncond, text = branches(unet, latents, step.timestep, [conditions.uncond, conditions.cond])
+            uncond, text = branches(unet, latents, step.timestep, [conditions.uncond, conditions.cond], factor)
             return uncond + conditions.scale * (text - uncond)
         uncond, text, safety = branches(unet, latents, step.timestep,
-                                        [conditions.uncond, conditions.cond, state.safety])
+                                        [conditions.uncond, conditions.cond, state.safety], factor)
         guidance = text - uncond
         momentum = torch.zeros_like(guidance) if state.momentum is None else state.momentum
         gamma, state.momentum = safety_term(text, uncond, safety, momentum, self.config)
@@ -171,12 +189,12 @@ class SLD(CRT):
     family: ClassVar[Family] = Family.GUIDANCE
     exposes: ClassVar[frozenset[Access]] = OPEN_WEIGHTS  # SD v1.4 is public and SLD adds no weights
     trains: ClassVar[str] = "nothing (a sampling-loop guidance)"
-    backbones: ClassVar[frozenset[str]] = frozenset({SD1, SD2})  # GuidedPipeline is SD 1.x / 2.x's loop; SDXL's
-    # added conditioning is not in it yet
+    backbones: ClassVar[frozenset[str]] = UNET_FAMILY  # GuidedPipeline.around picks SD's or SDXL's loop
     reconstruction: ClassVar[str | None] = (
         "white-box attacks differentiate the SLD-guided noise of one step: momentum 0 (fresh loop state) and the "
         "warm-up judged by the index of the deployed step nearest the attacked timestep; the paper defines SLD "
-        "only inside the sampling loop")
+        "only inside the sampling loop. On SDXL (the paper ran SD 1.x only) the safety concept is encoded as a "
+        "prompt is (both text encoders, pooled embedding) and its branch gets the prompt's time ids")
 
     def __init__(self, preset: str = "medium", safety_concept: str = SAFETY_CONCEPT_DEFAULT,
                  guidance_scale: float | None = None, warmup_steps: int | None = None, threshold: float | None = None,

@@ -235,13 +235,52 @@ def test_prompt_ids_reach_the_guidance_row_by_row(world):
     torch.testing.assert_close(with_ids, without)  # plain CFG does not read them
 
 
-def test_a_sampling_loop_defence_refuses_a_pooled_condition(sdxl):
+class _TokensOnly(_Recording):
+    """A guidance that reads SD 1.x / 2.x token states only (as SAFREE does)."""
+
+    name = "tokens_only"
+    pooled_conditions = False
+
+
+def test_a_guidance_without_pooled_conditions_refuses_an_sdxl_condition(sdxl):
     from attacks.base import defended_noise
     from crt_bench.backbone import encode_text
 
-    ctx = AttackContext(defended=DefendedModel(pipe=sdxl.pipe, crt_name="sld", guidance=_Recording()), concept=None,
-                        settings=sdxl.settings)
+    ctx = AttackContext(defended=DefendedModel(pipe=sdxl.pipe, crt_name="safree", guidance=_TokensOnly()),
+                        concept=None, settings=sdxl.settings)
     with torch.no_grad():
         cond = encode_text(sdxl.pipe, ["a red circle"])
-    with pytest.raises(HarnessError, match="^sld: a sampling-loop defence"):
+    with pytest.raises(HarnessError, match="^safree: this sampling-loop defence"):
         defended_noise(ctx, torch.zeros(1, 4, 8, 8), torch.tensor([500]), cond)
+
+
+@pytest.mark.parametrize("negative", ["", "blurry"])
+def test_cfg_guidance_on_sdxl_is_the_deployed_unconditional_branch_and_differentiable(sdxl, negative):
+    """A pooled condition through a guidance: the unconditional branch is the one StableDiffusionXLPipeline uses
+    (zeros for an empty negative prompt under force_zeros_for_empty_prompt, else the encoded negative), the
+    prompt's pooled embedding is read, and the prediction is differentiable in the condition."""
+    from dataclasses import replace
+
+    from attacks.base import defended_noise
+    from crt_bench.backbone import TextConditioning, encode_text, unet_output
+
+    pipe = sdxl.pipe
+    guidance = _Recording()
+    ctx = AttackContext(defended=DefendedModel(pipe=pipe, crt_name="cfg", guidance=guidance), concept=None,
+                        settings=replace(sdxl.settings, negative_prompt=negative))
+    with torch.no_grad():
+        cond = encode_text(pipe, ["a nude green cross", "a red circle"])
+        uncond = encode_text(pipe, [negative]) if negative else TextConditioning(
+            torch.zeros_like(cond.hidden[:1]), torch.zeros_like(cond.pooled[:1]))
+    leaf = cond.hidden.clone().requires_grad_(True)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 700])
+    got = defended_noise(ctx, latents, t, TextConditioning(leaf, cond.pooled), 5.0)
+    assert all(c.uncond.pooled is not None for c in guidance.seen)
+    with torch.no_grad():
+        for row in range(2):
+            x, ti = latents[row:row + 1], t[row:row + 1]
+            e_c, e_u = (unet_output(pipe.unet, x, ti, c, 8) for c in (cond[row:row + 1], uncond))
+            torch.testing.assert_close(got[row:row + 1].detach(), e_u + 5.0 * (e_c - e_u), rtol=1e-4, atol=1e-5)
+    (grad,) = torch.autograd.grad(got.pow(2).sum(), [leaf])
+    assert grad.abs().sum() > 0

@@ -1,4 +1,5 @@
-"""The guidance protocol: plain CFG through GuidedPipeline is StableDiffusionPipeline, and timesteps map to steps."""
+"""The guidance protocol: plain CFG through GuidedPipeline is StableDiffusionPipeline, through GuidedXLPipeline
+StableDiffusionXLPipeline, and timesteps map to steps."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from crt.guidance import ClassifierFreeGuidance, Conditions, GuidedPipeline, Step, step_of_timestep
+from crt.guidance import (
+    ClassifierFreeGuidance,
+    Conditions,
+    GuidedPipeline,
+    GuidedXLPipeline,
+    Step,
+    branches,
+    step_of_timestep,
+)
+from crt_bench.backbone import TextConditioning, encode_text, unet_output
 
 
 def _images(pipe, size: int, **kwargs) -> np.ndarray:
@@ -35,6 +45,55 @@ def test_plain_cfg_reproduces_the_pipeline_on_prompt_embeddings(sd14):
     guided = GuidedPipeline.around(pipe, ClassifierFreeGuidance())
     np.testing.assert_array_equal(_images(guided, sd14.size, prompt_embeds=embeds),
                                   _images(pipe, sd14.size, prompt_embeds=embeds))
+
+
+@pytest.mark.parametrize("negative", [None, "blurry"])
+def test_plain_cfg_reproduces_the_sdxl_pipeline(sdxl, negative):
+    """SDXL: the zero unconditional branch of an empty negative prompt, pooled embeddings, time ids, Euler's begin
+    index and the decoding all as StableDiffusionXLPipeline has them, bit for bit."""
+    from diffusers import StableDiffusionXLPipeline
+
+    guided = GuidedPipeline.around(sdxl.pipe, ClassifierFreeGuidance())
+    assert isinstance(guided, GuidedXLPipeline) and isinstance(guided, StableDiffusionXLPipeline)
+    assert guided.unet is sdxl.pipe.unet and guided.text_encoder_2 is sdxl.pipe.text_encoder_2
+    extra = {} if negative is None else {"negative_prompt": [negative] * 2}
+    prompts = ["a nude circle", "a red square"]
+    expected = _images(sdxl.pipe, sdxl.size, prompt=prompts, **extra)
+    got = _images(guided, sdxl.size, prompt=prompts, **extra)
+    np.testing.assert_array_equal(got, expected)
+    assert np.abs(got[0] - got[1]).max() > 0  # the prompts reach the UNet
+
+
+def test_plain_cfg_reproduces_the_sdxl_pipeline_on_prompt_embeddings(sdxl):
+    pipe = sdxl.pipe
+    with torch.no_grad():
+        cond = encode_text(pipe, ["a cat", "a dog"])
+    guided = GuidedXLPipeline.around(pipe, ClassifierFreeGuidance())
+    kwargs = dict(prompt_embeds=cond.hidden, pooled_prompt_embeds=cond.pooled)
+    np.testing.assert_array_equal(_images(guided, sdxl.size, **kwargs), _images(pipe, sdxl.size, **kwargs))
+
+
+def test_an_sdxl_loop_refuses_a_guidance_without_pooled_conditions(sdxl):
+    class TokensOnly(ClassifierFreeGuidance):
+        name = "tokens_only"
+        pooled_conditions = False
+
+    with pytest.raises(ValueError, match="tokens_only.*pooled"):
+        GuidedPipeline.around(sdxl.pipe, TokensOnly())
+
+
+def test_cfg_noise_on_sdxl_is_the_hand_combination_of_unet_outputs(sdxl):
+    unet = sdxl.pipe.unet
+    with torch.no_grad():
+        cond, uncond = encode_text(sdxl.pipe, ["a nude circle"]), encode_text(sdxl.pipe, ["blurry"])
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor(500)
+        e_c, e_u = (unet_output(unet, latents, t, c, 8) for c in (cond, uncond))
+        got = ClassifierFreeGuidance().noise(unet, latents, Step(0, t, 1), Conditions(cond, uncond, 5.0), None)
+        other_pooled = TextConditioning(cond.hidden, uncond.pooled)
+        (e_other,) = branches(unet, latents, t, [other_pooled])
+    torch.testing.assert_close(got, e_u + 5.0 * (e_c - e_u), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(e_other, e_c)  # the pooled embedding is read
 
 
 def test_a_pipeline_rebuilt_without_its_guidance_refuses_to_sample(sd14):

@@ -11,7 +11,7 @@ import torch
 
 from attacks.base import AttackContext, defended_noise, defended_unet_calls
 from crt.base import OPEN_WEIGHTS, FitContext
-from crt.guidance import Conditions, GuidedPipeline, Step, step_of_timestep
+from crt.guidance import ClassifierFreeGuidance, Conditions, GuidedPipeline, Step, step_of_timestep
 from crt.sld import DEFAULT_SAFETY_CONCEPT, PRESETS, SLD, SafeLatentGuidance, SLDConfig, SLDState, resolve_config
 from runners.spec import Family
 from tests.crt.conftest import changed_keys, state_snapshot
@@ -281,11 +281,99 @@ def test_unlearndiffatk_runs_one_step_against_sld(world, concept):
     assert all(p.grad is None for p in pipe.unet.parameters())
 
 
-def test_fit_and_apply_on_sd21_and_refused_on_sdxl(sd21, concept):
+# -- SD 2.x and SDXL -------------------------------------------------------------------------------------------
+
+def test_fit_and_apply_on_sd21_and_sdxl(other_backbone, concept):
+    from crt.guidance import GuidedXLPipeline
+
+    pipe = other_backbone.pipe
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if other_backbone.kind == "sdxl" else [])
+    before = [state_snapshot(m) for m in (pipe.unet, *encoders)]
     crt = SLD(preset="max", safety_concept="concept")
-    defended = crt.apply(sd21.pipe, crt.fit(FitContext(pipe=sd21.pipe, concept=concept, settings=sd21.settings,
-                                                       generate=sd21.generate)))
+    defended = crt.apply(pipe, crt.fit(FitContext(pipe=pipe, concept=concept, settings=other_backbone.settings,
+                                                  generate=other_backbone.generate)))
+    assert isinstance(defended.pipe, GuidedXLPipeline) == (other_backbone.kind == "sdxl")
+    assert defended.pipe.unet is pipe.unet and type(pipe) is not type(defended.pipe)
     target = list(concept.prompt_set("target"))[:1]
-    base, guarded = sd21.generate(target)[0], sd21.generate(target, pipe=defended.pipe)[0]
+    base, guarded = other_backbone.generate(target)[0], other_backbone.generate(target, pipe=defended.pipe)[0]
     assert np.abs(np.asarray(base, dtype=float) - np.asarray(guarded, dtype=float)).max() > 0
-    assert "sd2" in SLD.backbones and "sdxl" not in SLD.backbones
+    assert all(not changed_keys(b, m) for b, m in zip(before, (pipe.unet, *encoders)))
+    assert {"sd1", "sd2", "sdxl"} <= SLD.backbones
+
+
+def _double_unet(pipe):
+    """A float64 copy of the UNet: batched and separate calls then agree far below what s_S = 5000 amplifies."""
+    import copy
+
+    return copy.deepcopy(pipe.unet).double()
+
+
+def _sld_by_hand(unet, latents, t, scale, cond, uncond, safety, config: SLDConfig) -> torch.Tensor:
+    """One SLD step with momentum 0 from three separate ``unet_output`` calls (paper Eq. 3-6)."""
+    from crt_bench.backbone import unet_output
+
+    e_u, e_p, e_s = (unet_output(unet, latents, t, c, 8) for c in (uncond, cond, safety))
+    diff = e_p - e_s
+    mu = torch.where(diff >= config.threshold, 0.0, (diff.abs() * config.guidance_scale).clamp(max=1.0))
+    return e_u + scale * ((e_p - e_u) - mu * (e_s - e_u))
+
+
+def _as_double(cond):
+    from crt_bench.backbone import TextConditioning
+
+    return TextConditioning(cond.hidden.double(), cond.pooled.double())
+
+
+def test_sld_noise_on_sdxl_is_the_hand_formula(sdxl, concept):
+    """MAX (warm-up 0): the guided noise of the first step equals SLD's formula from three UNet calls, with the
+    safety concept encoded by SDXL's text stack (both encoders, pooled embedding)."""
+    from crt.guidance import condition_like
+    from crt_bench.backbone import TextConditioning, encode_text
+
+    pipe, config = sdxl.pipe, PRESETS["max"]
+    guidance = SafeLatentGuidance(config, concept.c_u)
+    with torch.no_grad():
+        cond = _as_double(encode_text(pipe, ["a nude green cross", "a red circle"]))
+        uncond = _as_double(encode_text(pipe, ["blurry"]))
+        safety = _as_double(encode_text(pipe, [concept.c_u]))
+    conditions = Conditions(cond=cond, uncond=uncond.repeat(2), scale=7.5)
+    state = guidance.begin(pipe, conditions)
+    assert isinstance(state.safety, TextConditioning) and state.safety.pooled.shape == (2, cond.pooled.shape[1])
+    torch.testing.assert_close(state.safety.pooled[1:], safety.pooled)
+    assert condition_like(state.safety, cond).hidden.dtype == torch.float64
+    unet = _double_unet(pipe)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t = torch.tensor(601)
+    with torch.no_grad():
+        got = guidance.noise(unet, latents, Step(0, t, 4), conditions, state)
+        for row in range(2):
+            expected = _sld_by_hand(unet, latents[row:row + 1], t, 7.5, cond[row:row + 1], uncond, safety, config)
+            torch.testing.assert_close(got[row:row + 1], expected, rtol=1e-9, atol=1e-9)
+        plain = ClassifierFreeGuidance().noise(unet, latents, Step(0, t, 4), conditions, None)
+        without_pooled = _sld_by_hand(unet, latents[:1], t, 7.5, cond[:1], uncond,
+                                      TextConditioning(safety.hidden, torch.zeros_like(safety.pooled)), config)
+    assert not torch.allclose(got, plain)  # SLD acted
+    assert not torch.allclose(got[:1], without_pooled)  # the safety concept's pooled embedding is read
+
+
+def test_defended_noise_through_sld_on_sdxl_is_differentiable(sdxl, concept):
+    from crt_bench.backbone import TextConditioning, encode_text
+
+    pipe = sdxl.pipe
+    crt = SLD(preset="max", safety_concept="concept")
+    defended = crt.apply(pipe, crt.fit(FitContext(pipe=pipe, concept=concept, settings=sdxl.settings,
+                                                   generate=sdxl.generate)))
+    ctx = _attack_context(sdxl, defended)
+    with torch.no_grad():
+        cond = encode_text(pipe, ["a nude green cross"])
+        zeros = TextConditioning(torch.zeros_like(cond.hidden), torch.zeros_like(cond.pooled))
+        safety = encode_text(pipe, [concept.c_u])
+    hidden, pooled = cond.hidden.clone().requires_grad_(True), cond.pooled.clone().requires_grad_(True)
+    latents, t = _latents(sdxl, 1), torch.tensor([500])
+    got = defended_noise(ctx, latents, t, TextConditioning(hidden, pooled))
+    grads = torch.autograd.grad(got.pow(2).sum(), [hidden, pooled])
+    assert all(g.abs().sum() > 0 for g in grads) and defended_unet_calls(defended) == 3
+    assert all(p.grad is None for p in pipe.unet.parameters())
+    with torch.no_grad():  # the deployed loop's branches: zeros for the empty negative prompt, the concept's safety
+        expected = _sld_by_hand(pipe.unet, latents, t, sdxl.settings.guidance, cond, zeros, safety, PRESETS["max"])
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-3, atol=5e-3)  # float32: s_S amplifies rounding
