@@ -201,3 +201,14 @@ def test_espresso_says_its_objective_is_a_reconstruction():
     from crt.espresso import Espresso
 
     assert "objective" in Espresso.reconstruction
+
+
+def test_fit_and_apply_on_sd21_and_sdxl_images(sd14, other_backbone, concept):
+    """Espresso's CLIP is its own (here sd14's small one); only the images come from the SD 2.1 / SDXL pipeline."""
+    crt = Espresso(clip=str(sd14.clip_dir), epochs=1, batch_size=2, lr=1e-3, weight_decay=0.0)
+    pipe = other_backbone.pipe
+    defended = crt.apply(pipe, crt.fit(FitContext(pipe=pipe, concept=concept, settings=other_backbone.settings,
+                                                  generate=other_backbone.generate)))
+    assert defended.pipe is pipe and "sdxl" in Espresso.backbones
+    images = other_backbone.generate(list(concept.prompt_set("target")), pipe=defended.pipe)
+    assert defended.filter.scores(images).shape == (1,)

@@ -247,3 +247,11 @@ def test_yaml_params_and_mini_block_build_the_real_and_the_world_filter():
     analog = SDSafetyChecker(**{**cfg["params"], **cfg["mini"]})
     assert analog.config.checker is None and analog.config.analog_clip == "world/weights/clip"
     assert "world analog" in SDSafetyChecker.reconstruction
+
+
+def test_fit_and_apply_on_sd21_and_sdxl_filter_their_images(checker_dir, other_backbone, concept):
+    """A filter on the delivered images: any backbone's pipeline stays as it is and its images are scored."""
+    artifact, defended = _fit_apply(SDSafetyChecker(checker=str(checker_dir)), other_backbone, concept)
+    assert defended.pipe is other_backbone.pipe and "sdxl" in SDSafetyChecker.backbones
+    images = other_backbone.generate(list(concept.prompt_set("target")), pipe=defended.pipe)
+    assert defended.filter.scores(images).shape == (1,) and images[0].size == (64, 64)

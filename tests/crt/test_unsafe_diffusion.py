@@ -261,3 +261,15 @@ def test_yaml_params_and_mini_block_build_the_real_and_the_world_filter():
     assert real.config.heads == UD_HEADS and real.config.threshold == 0.5 and real.config.clip_model == "ViT-L-14"
     analog = UnsafeDiffusion(**{**cfg["params"], **cfg["mini"]})
     assert analog.config.heads == ("concept",) and analog.config.analog_weights == "world/weights/ud_analog"
+
+
+def test_real_path_filters_sd21_and_sdxl_images(small_open_clip, small_heads, other_backbone, concept):
+    model_name, checkpoint = small_open_clip
+    weights, pins = small_heads
+    crt = UnsafeDiffusion(clip_model=model_name, pretrained=checkpoint, weights=weights, weights_sha256=pins)
+    pipe = other_backbone.pipe
+    defended = crt.apply(pipe, crt.fit(FitContext(pipe=pipe, concept=concept, settings=other_backbone.settings,
+                                                  generate=other_backbone.generate)))
+    assert defended.pipe is pipe and "sdxl" in UnsafeDiffusion.backbones
+    images = other_backbone.generate([PromptItem("a photo", seed=1)], pipe=defended.pipe)
+    assert defended.filter.scores(images).shape == (1,)
