@@ -70,11 +70,11 @@ def test_the_offline_hub_is_one_line_naming_the_model_and_model_path(tmp_path: P
 
 
 def test_a_plugin_without_the_models_backbone_is_refused_before_the_model_is_looked_for(tmp_path: Path):
-    result = _cli("model=sdxl", "concept=nudity", "crt=esd_x", "attack=none", f"store.root={tmp_path / 'store'}",
+    result = _cli("model=sdxl", "concept=nudity", "crt=trce", "attack=none", f"store.root={tmp_path / 'store'}",
                   f"hydra.run.dir={tmp_path / 'out'}", env=_offline(tmp_path))
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert errors == ["error: esd_x does not support the sdxl backbone (model=sdxl); it supports sd1"]
+    assert errors == ["error: trce does not support the sdxl backbone (model=sdxl); it supports sd1"]
 
 
 @pytest.mark.parametrize("folder", ["missing", "empty"])
