@@ -26,6 +26,9 @@ from crt_bench.spec import Access, ConceptSpec, Family, GenerationSettings, Prom
 # What a CRT that edits a public model exposes: its own weights (so gradients) and, because the base it was edited
 # from is public (SD v1.4), the unerased model too; P4D's attacker compares the two.
 OPEN_WEIGHTS: frozenset[Access] = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.UNERASED_MODEL})
+# A post-hoc filter on an open model: the model's weights as above, plus the filter's score and its gradients
+# (a filter's own weights ship with it, so an adaptive attacker can differentiate through it).
+OPEN_FILTER: frozenset[Access] = OPEN_WEIGHTS | {Access.FILTER_SCORE, Access.FILTER_GRADIENTS}
 CHECKPOINT_FILE = "checkpoint.pt"
 
 log = logging.getLogger(__name__)

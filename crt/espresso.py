@@ -36,10 +36,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from crt.base import CRT, Artifact, DefendedModel, FitContext, ImageFilter, pil_to_pixels
+from crt.base import CRT, OPEN_FILTER, Artifact, DefendedModel, FitContext, ImageFilter, pil_to_pixels
 from crt_bench import progress
 from crt_bench.backbone import UNET_FAMILY
-from crt_bench.spec import Access, Family, PromptItem
+from crt_bench.spec import Family, PromptItem
 
 ROOT = Path(__file__).resolve().parents[1]
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -212,8 +212,7 @@ class Espresso(CRT):
 
     name = "espresso"
     family = Family.FILTER
-    exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.UNERASED_MODEL,
-                         Access.FILTER_SCORE, Access.FILTER_GRADIENTS})
+    exposes = OPEN_FILTER
     trains = "filter CLIP text tower (text_model)"
     reconstruction = ("the fine-tuning objective (crts.md §1: separation + pairing, plus the c_u/c_a-image pairing "
                       "term gamma); the released code's loss is not reproduced")

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from crt.base import CRT, Artifact, DefendedModel, FitContext, ImageFilter, pil_to_pixels
+from crt.base import CRT, OPEN_FILTER, Artifact, DefendedModel, FitContext, ImageFilter, pil_to_pixels
 from crt.espresso import (
     Preprocess,
     load_clip,
@@ -51,7 +51,7 @@ from crt.espresso import (
     text_embeds,
 )
 from crt_bench.backbone import UNET_FAMILY
-from crt_bench.spec import Access, Family, HarnessError, PromptItem, sha256_file
+from crt_bench.spec import Family, HarnessError, PromptItem, sha256_file
 
 CHECKER_ID = "CompVis/stable-diffusion-safety-checker"
 CHECKER_REVISION = "1664e306d2258485321cbbd8083074c9474d4e41"  # main as of 2024; its pytorch_model.bin is the
@@ -249,8 +249,7 @@ class SDSafetyChecker(CRT):
 
     name = "sd_safety_checker"
     family = Family.FILTER
-    exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.UNERASED_MODEL,
-                         Access.FILTER_SCORE, Access.FILTER_GRADIENTS})
+    exposes = OPEN_FILTER
     trains = "nothing (real: released checker); world analog: calibrates one threshold per concept text"
     reconstruction = ("world analog only: concept embeddings = the world CLIP's text embeddings of the concept "
                       "texts, thresholds calibrated on base-model renders of the calibration prompt sets; the real "

@@ -34,12 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from crt.base import CRT, Artifact, DefendedModel, FitContext, ImageFilter, pil_to_pixels
+from crt.base import CRT, OPEN_FILTER, Artifact, DefendedModel, FitContext, ImageFilter, pil_to_pixels
 from crt.espresso import Preprocess, load_clip, resolve_clip_path
 from crt.sd_safety_checker import analog_preprocess, clip_embedder
 from crt_bench.backbone import UNET_FAMILY
 from crt_bench.download import DownloadUnavailable, PinnedFile, default_cache_dir, fetch_pinned
-from crt_bench.spec import Access, Family, HarnessError, sha256_file
+from crt_bench.spec import Family, HarnessError, sha256_file
 
 UD_REPO = "YitingQu/unsafe-diffusion"
 UD_COMMIT = "5caffc7ce765329390fd6a4309fd3d757884317f"  # first commit: config.py, train.py and the five heads
@@ -184,8 +184,7 @@ class UnsafeDiffusion(CRT):
 
     name = "unsafe_diffusion"
     family = Family.FILTER
-    exposes = frozenset({Access.TEXT_ENCODER, Access.UNET_GRADIENTS, Access.UNERASED_MODEL,
-                         Access.FILTER_SCORE, Access.FILTER_GRADIENTS})
+    exposes = OPEN_FILTER
     trains = "nothing (released heads); world analog: heads trained once by world/filters.py"
     reconstruction = ("real: the released heads on the released backbone, nothing reconstructed; world analog: "
                       "its training data (labelled world renders instead of 800 rated generated images) and its "
