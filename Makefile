@@ -33,9 +33,10 @@ options = $(shell ls conf/$(1)/*.yaml | sed 's|.*/||; s|\.yaml$$||' | paste -sd,
 WORLD_CONCEPTS := $(shell ls conf/concept/world_*.yaml | sed 's|.*/||; s|\.yaml$$||' | paste -sd, -)
 CRTS ?= $(call options,crt)
 ATTACKS ?= $(call options,attack)
-# Adaptive variants run against the filters; an attack without one is refused in one line and the sweep goes on.
+# Adaptive variants run against the filters (the CRTs whose family is `filter`, read from the plug-ins); an attack
+# without one is refused in one line and the sweep goes on.
 ADAPTIVE_ATTACKS ?= $(ATTACKS)
-FILTER_CRTS ?= espresso
+FILTER_CRTS ?= $(shell $(PY) -m runners.catalog --names crt --family filter)
 CONCEPTS ?= $(WORLD_CONCEPTS)
 leaderboard: $(STAMP)  ## every world concept x CRT x attack (resumable; committed run keys are skipped), then the tables
 	$(PY) run.py -m concept=$(CONCEPTS) crt=$(CRTS) attack=$(ATTACKS) \

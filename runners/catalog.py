@@ -364,6 +364,11 @@ def render(catalog: Catalog) -> str:
     return "\n".join(lines)
 
 
+def names(catalog: Catalog, group: str, family: str | None = None) -> list[str]:
+    """The option names of one group, optionally of one family, so sweeps follow the plug-ins' own declarations."""
+    return [e.name for e in catalog.entries[group] if family is None or e.family == family]
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m runners.catalog [--json]``: list the plug-ins and print the compatibility matrix."""
     parser = argparse.ArgumentParser(prog="python -m runners.catalog", description=main.__doc__)
@@ -372,8 +377,15 @@ def main(argv: list[str] | None = None) -> None:
                         "(the README's table)")
     parser.add_argument("--crts", action="store_true", help="print only the CRT table (family, paper, backbones, "
                         "what is reconstructed; the README's table)")
+    parser.add_argument("--names", choices=GROUPS, help="print only the option names of one group, comma-separated "
+                        "(what `make leaderboard` sweeps)")
+    parser.add_argument("--family", help="with --names: only the options of this family (CRTs) or mode (attacks), "
+                        "e.g. `--names crt --family filter`")
     args = parser.parse_args(argv)
     catalog = build_catalog()
+    if args.names:
+        print(",".join(names(catalog, args.names, args.family)))
+        return
     if args.backbones:
         print("\n".join(support_markdown(catalog)[2:]).strip())
         return

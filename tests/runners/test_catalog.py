@@ -25,6 +25,7 @@ from runners.catalog import (
     judge_entries,
     main,
     model_entries,
+    names,
     render,
 )
 from runners.registry import CONF_DIR, available
@@ -236,3 +237,16 @@ def test_crt_table_says_what_each_class_says_is_reconstructed(built: dict[str, A
     for name, (_, crt) in built["crts"].items():
         expected = f"yes: {crt.reconstruction}" if crt.reconstruction else "no (the paper and its official code)"
         assert rows[name] == expected.replace("|", "\\|"), name
+
+
+def test_names_of_a_family_are_the_classes_declared_families(built: dict[str, Any], monkeypatch, capsys):
+    """`make leaderboard` sweeps the adaptive attacks over `--names crt --family filter`: a new filter must join it."""
+    crts = {name: crt for name, (_, crt) in built["crts"].items()}
+    catalog = Catalog({"crt": crt_entries(built["crts"], CONF_DIR), "attack": [], "concept": [], "judge": [],
+                       "model": []}, [], [], {})
+    expected = sorted(name for name, crt in crts.items() if crt.family == Family.FILTER)
+    assert {"espresso", "sd_safety_checker", "unsafe_diffusion"} <= set(expected)
+    assert names(catalog, "crt", "filter") == expected and names(catalog, "crt") == sorted(crts)
+    monkeypatch.setattr(catalog_module, "build_catalog", lambda: catalog)
+    main(["--names", "crt", "--family", "filter"])
+    assert capsys.readouterr().out.strip() == ",".join(expected)
