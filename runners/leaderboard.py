@@ -332,14 +332,19 @@ def overall_markdown(tables: dict[tuple[str, str], Table]) -> list[str]:
     return lines
 
 
-def _pair_warning(runs: list[dict[str, Any]], model: str, concept: str) -> list[str]:
-    """The concept's CLIP-pair check (world concepts): a warning line when CLIP accuracy measures nothing."""
+def pair_check(runs: list[dict[str, Any]], model: str, concept: str) -> dict[str, Any] | None:
+    """The concept's failed CLIP-pair check (world concepts), if any: CLIP accuracy measures nothing there."""
     checks = [run.get("checks") or {} for run in runs
               if run.get("labels", {}).get("model") == model and run.get("labels", {}).get("concept") == concept]
     failed = [c for c in checks if c.get("clip_accuracy_meaningful") is False]
-    if not failed:
+    return failed[-1] if failed else None
+
+
+def _pair_warning(runs: list[dict[str, Any]], model: str, concept: str) -> list[str]:
+    """A warning line under the table when CLIP accuracy measures nothing for the concept's pair."""
+    c = pair_check(runs, model, concept)
+    if c is None:
         return []
-    c = failed[-1]
     return [f"Warning: CLIP accuracy is not meaningful for this pair (evaluator zero-shot "
             f"{c['clip_pair_zero_shot']:.2f} < {c['bar']:.2f}); read the judge rate.", ""]
 

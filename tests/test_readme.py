@@ -1,4 +1,5 @@
-"""The README's generated tables are what the catalogue generates now: a plug-in added or changed without them fails."""
+"""The README's generated tables are what the catalogue and the committed runs generate now: a plug-in added or
+changed, or runs committed, without regenerating them fails."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from runners.catalog import build_catalog, crt_table_markdown, support_markdown
+from runners.readme_tables import readme_tables
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RESULTS = ROOT / "results"
 
 
 def block(name: str) -> str:
@@ -32,11 +36,16 @@ def test_the_support_matrix_is_generated(catalog):
         "run: python -m tests.test_readme"
 
 
+def test_the_result_tables_are_generated():
+    assert block("result-tables") == "\n".join(readme_tables(RESULTS)).strip(), "run: python -m tests.test_readme"
+
+
 def write() -> None:
     """Regenerate the README's blocks in place (``python -m tests.test_readme``)."""
     catalog = build_catalog()
     text = README.read_text()
-    blocks = (("crt-table", crt_table_markdown(catalog)), ("support-matrix", support_markdown(catalog)[4:]))
+    blocks = (("crt-table", crt_table_markdown(catalog)), ("support-matrix", support_markdown(catalog)[4:]),
+              ("result-tables", readme_tables(RESULTS)))
     for name, lines in blocks:
         replacement = f"<!-- {name} -->\n{chr(10).join(lines).strip()}\n<!-- /{name} -->"
         text = re.sub(rf"<!-- {name} -->\n.*?<!-- /{name} -->", lambda _, r=replacement: r, text, flags=re.S)
