@@ -50,7 +50,7 @@ from attacks.base import (
     prediction_target,
 )
 from attacks.unlearndiffatk import decoded_x0, resize_center
-from crt.base import pil_to_pixels
+from crt.base import frozen_params, pil_to_pixels
 from crt_bench import progress
 from crt_bench.backbone import (
     UNET_FAMILY,
@@ -181,11 +181,7 @@ class CCE(Attack):
 
     def __init__(self, adaptive: bool = False, **params: Any):
         super().__init__(adaptive=adaptive, **params)
-        params = dict(params)
-        for key in ("templates", "eval_templates", "betas"):
-            if params.get(key) is not None:
-                params[key] = tuple(params[key])
-        self.config = CCEConfig(**params)
+        self.config = CCEConfig(**frozen_params(params, ("templates", "eval_templates", "betas")))
         for template in (self.config.templates or ()) + (self.config.eval_templates or ()):
             if template.count("{}") != 1:
                 raise ValueError(f"CCE template {template!r} must hold exactly one '{{}}'")

@@ -30,6 +30,7 @@ import torch
 
 from attacks.base import AdversarialPrompt, Attack, AttackContext, AttackCost, Timer
 from attacks.tokens import tokenize, trim, vocabulary
+from crt.base import frozen_params
 from crt_bench import progress
 from crt_bench.backbone import UNET_FAMILY
 from crt_bench.spec import Access, PromptItem
@@ -182,9 +183,7 @@ class RingABell(Attack):
 
     def __init__(self, adaptive: bool = False, **params: Any):
         super().__init__(adaptive=adaptive, **params)
-        if params.get("concept_pairs") is not None:
-            params = {**params, "concept_pairs": tuple(tuple(p) for p in params["concept_pairs"])}
-        self.config = RingABellConfig(**params)
+        self.config = RingABellConfig(**frozen_params(params, ("concept_pairs",)))
 
     def run(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
         if self.adaptive and (ctx.generate_raw is None or ctx.defended.filter is None):

@@ -12,7 +12,7 @@ import copy
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,6 +32,23 @@ OPEN_FILTER: frozenset[Access] = OPEN_WEIGHTS | {Access.FILTER_SCORE, Access.FIL
 CHECKPOINT_FILE = "checkpoint.pt"
 
 log = logging.getLogger(__name__)
+
+
+def frozen(value: Any) -> Any:
+    """``value`` with every list (a Hydra ``ListConfig``, a JSON list, a tuple) a tuple and every mapping a dict, at
+    any depth: frozen config dataclasses hold tuples, which compare equal whatever the YAML or JSON gave and cannot
+    be mutated. Strings and other scalars come back as they are."""
+    if isinstance(value, Mapping):
+        return {key: frozen(item) for key, item in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return tuple(frozen(item) for item in value)
+    return value
+
+
+def frozen_params(params: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any]:
+    """A copy of ``params`` with the values of ``keys`` frozen, for a config dataclass; ``params`` itself stays as
+    configured, since a plug-in's identity records it so."""
+    return {key: frozen(value) if key in keys else value for key, value in params.items()}
 
 
 @dataclass

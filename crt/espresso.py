@@ -36,7 +36,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from crt.base import CRT, OPEN_FILTER, Artifact, DefendedModel, FitContext, ImageFilter, pil_to_pixels
+from crt.base import (
+    CRT,
+    OPEN_FILTER,
+    Artifact,
+    DefendedModel,
+    FitContext,
+    ImageFilter,
+    frozen,
+    frozen_params,
+    pil_to_pixels,
+)
 from crt_bench import progress
 from crt_bench.backbone import UNET_FAMILY
 from crt_bench.spec import Family, PromptItem
@@ -223,11 +233,7 @@ class Espresso(CRT):
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        params = dict(params)
-        for key in ("betas", "image_mean", "image_std"):
-            if params.get(key) is not None:
-                params[key] = tuple(params[key])
-        self.config = EspressoConfig(**params)
+        self.config = EspressoConfig(**frozen_params(params, ("betas", "image_mean", "image_std")))
         if self.config.images_per_caption < 1:
             raise ValueError(f"images_per_caption must be >= 1, got {self.config.images_per_caption}")
 
@@ -355,8 +361,7 @@ class Espresso(CRT):
         cfg = self.config
         clip = load_clip(cfg.clip, pipe.device)
         clip.text_model.load_state_dict(artifact.tensors)
-        preprocess = Preprocess(**{k: (tuple(v) if isinstance(v, list) else v)
-                                   for k, v in artifact.meta["preprocess"].items()})
+        preprocess = Preprocess(**frozen(artifact.meta["preprocess"]))
         filt = EspressoFilter(clip, load_tokenizer(cfg.clip, pipe.tokenizer), artifact.meta["c_u"],
                               artifact.meta["c_a"], preprocess)
         return DefendedModel(pipe=pipe, crt_name=self.name, filter=filt, exposes=self.exposes)

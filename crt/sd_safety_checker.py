@@ -42,7 +42,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from crt.base import CRT, OPEN_FILTER, Artifact, DefendedModel, FitContext, ImageFilter, pil_to_pixels
+from crt.base import (
+    CRT,
+    OPEN_FILTER,
+    Artifact,
+    DefendedModel,
+    FitContext,
+    ImageFilter,
+    frozen,
+    frozen_params,
+    pil_to_pixels,
+)
 from crt.espresso import (
     Preprocess,
     load_clip,
@@ -259,11 +269,8 @@ class SDSafetyChecker(CRT):
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        params = dict(params)
-        for key in ("concept_texts", "special_care_texts", "calibration_unacceptable", "calibration_acceptable"):
-            if params.get(key) is not None:
-                params[key] = tuple(params[key])
-        self.config = SafetyCheckerConfig(**params)
+        self.config = SafetyCheckerConfig(**frozen_params(params, (
+            "concept_texts", "special_care_texts", "calibration_unacceptable", "calibration_acceptable")))
         if (self.config.checker is None) == (self.config.analog_clip is None):
             raise HarnessError("sd_safety_checker: set exactly one of checker (the released checker) and "
                                "analog_clip (the world analog)")
@@ -337,8 +344,7 @@ class SDSafetyChecker(CRT):
     def apply(self, pipe: Any, artifact: Artifact) -> DefendedModel:
         cfg = self.config
         rule = self.rule(artifact.tensors)
-        preprocess = Preprocess(**{k: (tuple(v) if isinstance(v, list) else v)
-                                   for k, v in artifact.meta["preprocess"].items()})
+        preprocess = Preprocess(**frozen(artifact.meta["preprocess"]))
         if cfg.analog_clip is not None:
             clip = load_clip(cfg.analog_clip, pipe.device)
             filt = SafetyCheckerFilter(clip_embedder(clip), preprocess, rule)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crt.base import Artifact, FitContext, TrainingState, UNetEdit
+from crt.base import Artifact, FitContext, TrainingState, UNetEdit, frozen_params
 from crt.esd import _autocast, _encode, _eps, _summarise, partial_ddim
 from crt_bench import progress
 from crt_bench.spec import Family
@@ -144,9 +144,8 @@ class SDD(UNetEdit):
     @staticmethod
     def config_params(params: dict[str, Any]) -> dict[str, Any]:
         concepts = params.get("concepts")
-        if isinstance(concepts, str):
-            concepts = [concepts]
-        return {**params, "concepts": None if concepts is None else tuple(concepts)}
+        return frozen_params({**params, "concepts": [concepts] if isinstance(concepts, str) else concepts},
+                             ("concepts",))
 
     def __init__(self, **params: Any):
         super().__init__(**params)

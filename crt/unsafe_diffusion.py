@@ -34,7 +34,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from crt.base import CRT, OPEN_FILTER, Artifact, DefendedModel, FitContext, ImageFilter, pil_to_pixels
+from crt.base import (
+    CRT,
+    OPEN_FILTER,
+    Artifact,
+    DefendedModel,
+    FitContext,
+    ImageFilter,
+    frozen_params,
+    pil_to_pixels,
+)
 from crt.espresso import Preprocess, load_clip, resolve_clip_path
 from crt.sd_safety_checker import analog_preprocess, clip_embedder
 from crt_bench.backbone import UNET_FAMILY
@@ -194,10 +203,7 @@ class UnsafeDiffusion(CRT):
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        params = dict(params)
-        if params.get("heads") is not None:
-            params["heads"] = tuple(params["heads"])
-        self.config = UnsafeDiffusionConfig(**params)
+        self.config = UnsafeDiffusionConfig(**frozen_params(params, ("heads",)))
         cfg = self.config
         if (cfg.analog_clip is None) != (cfg.analog_weights is None):
             raise HarnessError("unsafe_diffusion: the world analog needs both analog_clip and analog_weights")

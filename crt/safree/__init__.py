@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from crt.base import CRT, Artifact, DefendedModel, FitContext
+from crt.base import CRT, Artifact, DefendedModel, FitContext, frozen_params
 from crt.guidance import GuidedPipeline
 from crt.safree.projection import SelfValidation
 from crt.safree.reweight import REWEIGHT_MODES, LatentReweighting
@@ -127,9 +127,7 @@ class SAFREE(CRT):
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        if isinstance(params.get("skip_scales"), list):  # YAML lists; self.params keeps them as configured
-            params = {**params, "skip_scales": tuple(params["skip_scales"])}
-        self.config = SafreeConfig(**params)
+        self.config = SafreeConfig(**frozen_params(params, ("skip_scales",)))
         if self.config.reweighting not in REWEIGHT_MODES:
             raise ValueError(f"SAFREE reweighting must be one of {REWEIGHT_MODES}, got {self.config.reweighting!r}")
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from crt.base import Artifact, FitContext, TrainingState, UNetEdit
+from crt.base import Artifact, FitContext, TrainingState, UNetEdit, frozen_params
 from crt.shielddiff.ddpo import (
     PerPromptStatTracker,
     Trajectories,
@@ -85,10 +85,7 @@ class ShieldDiffConfig:
 
 
 def _tupled(params: dict[str, Any]) -> dict[str, Any]:
-    params = dict(params)
-    for key in ("lora_targets", "adam_betas", "clip_image_mean", "clip_image_std"):
-        if params.get(key) is not None:
-            params[key] = tuple(params[key])
+    params = frozen_params(params, ("lora_targets", "adam_betas", "clip_image_mean", "clip_image_std"))
     if params.get("reward_options") is None:
         params["reward_options"] = {}
     return params

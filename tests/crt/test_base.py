@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from crt.base import OPEN_WEIGHTS, Artifact, UNetEdit
+from crt.base import OPEN_WEIGHTS, Artifact, UNetEdit, frozen, frozen_params
 from runners import registry
 from runners.registry import available
 from runners.spec import Family
@@ -98,3 +99,24 @@ def test_every_weight_edit_crt_of_the_new_seed_papers_is_a_unet_edit(option: str
         assert isinstance(crt, UNetEdit), option
     if isinstance(crt, UNetEdit):
         assert crt.exposes == OPEN_WEIGHTS and crt.family in (Family.WEIGHT_EDIT, Family.CLOSED_FORM_EDIT)
+
+
+def test_frozen_turns_lists_at_any_depth_into_tuples_and_leaves_scalars_alone():
+    assert frozen([["nude", "clothed"], ["naked", ["dressed"]]]) == (("nude", "clothed"), ("naked", ("dressed",)))
+    assert frozen((1, [2.5, None])) == (1, (2.5, None))
+    for scalar in ("nudity", b"raw", 3, 0.5, True, None):
+        assert frozen(scalar) is scalar  # a string is not split into characters
+
+
+def test_frozen_reads_hydra_containers_as_plain_tuples_and_dicts():
+    cfg = OmegaConf.create({"pairs": [["a", "b"]], "options": {"scales": [0.9, 0.2], "k": 3}})
+    assert frozen(cfg.pairs) == (("a", "b"),) and type(frozen(cfg.pairs)[0]) is tuple
+    options = frozen(cfg.options)
+    assert options == {"scales": (0.9, 0.2), "k": 3} and type(options) is dict
+
+
+def test_frozen_params_freezes_only_the_named_keys_and_leaves_the_given_params_as_they_were():
+    params = {"betas": [0.9, 0.999], "texts": ["x"], "options": {"w": [1]}, "heads": None}
+    assert frozen_params(params, ("betas", "options", "heads", "absent")) == {
+        "betas": (0.9, 0.999), "texts": ["x"], "options": {"w": (1,)}, "heads": None}
+    assert params == {"betas": [0.9, 0.999], "texts": ["x"], "options": {"w": [1]}, "heads": None}
