@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
-from runners.spec import ConceptSpec, GenerationSettings, PromptItem
+from crt.base import OPEN_WEIGHTS, Artifact, FitContext, UNetEdit
+from runners.spec import ConceptSpec, Family, GenerationSettings, PromptItem
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD_PIPELINES = (ROOT / "world" / "weights" / "pipeline", ROOT / ".world_work" / "pipeline_partial")
@@ -216,3 +218,66 @@ def shared_pipelines_keep_no_gradients(request):
         leaked = [n for module in (pipe.unet, pipe.text_encoder) for n, p in module.named_parameters()
                   if p.grad is not None]
         assert not leaked, f"gradients left on the shared {name} pipeline: {leaked[:3]}"
+
+
+# Hand-checkable pieces shared by the fine-tuning CRTs' tests (CA, SA, SafeGen): a UNet whose every prediction and
+# gradient is known by hand, and the inverse of DDPM noising to tell which training image a batch example is.
+
+
+class AffineUNet(torch.nn.Module):
+    """``eps(x, c) = a x + b c0``, c0 the first entry of the text condition: every prediction and gradient known."""
+
+    def __init__(self, a: float = 0.5, b: float = 2.0):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(a))
+        self.b = torch.nn.Parameter(torch.tensor(b))
+
+    def forward(self, sample: torch.Tensor, t: Any, encoder_hidden_states: torch.Tensor) -> SimpleNamespace:
+        c0 = encoder_hidden_states[:, 0, 0].view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=self.a * sample + self.b * c0)
+
+
+def text_condition(*c0: float) -> torch.Tensor:
+    """One (77, 4) text condition per value, zero but for the c0 :class:`AffineUNet` reads."""
+    text = torch.zeros(len(c0), 77, 4)
+    text[:, 0, 0] = torch.tensor(c0)
+    return text
+
+
+def clean_latent(alphas_cumprod: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                 noise: torch.Tensor) -> torch.Tensor:
+    """x0 from ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``: which latent a batch example was noised from."""
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return (x_t - (1 - a).sqrt() * noise) / a.sqrt()
+
+
+def nearest(latents: torch.Tensor, x0: torch.Tensor) -> list[int]:
+    """Per row of ``x0``, the index of the closest of ``latents`` (L1)."""
+    return [int(torch.argmin((latents - x).flatten(1).abs().sum(1))) for x in x0]
+
+
+def crt_yaml(name: str) -> dict[str, Any]:
+    """conf/crt/<name>.yaml as written."""
+    return yaml.safe_load((ROOT / "conf" / "crt" / f"{name}.yaml").read_text())
+
+
+def fit_and_apply_edit(crt: UNetEdit, tiny: Tiny, concept: ConceptSpec,
+                       declared: set[str]) -> tuple[Artifact, set[str]]:
+    """Fit and apply a UNet edit with the checks every one must pass: the artifact holds exactly the ``declared``
+    parameters, neither fit nor apply touches the base pipeline, apply changes only declared parameters, of a copy
+    of the UNet, and the defended model generates. The artifact and the changed names are left to the test."""
+    pipe = tiny.pipe
+    before, vae_before = state_snapshot(pipe.unet), state_snapshot(pipe.vae)
+    artifact = crt.fit(FitContext(pipe=pipe, concept=concept, settings=tiny.settings, generate=tiny.generate))
+    assert set(artifact.tensors) == declared
+    assert not changed_keys(before, pipe.unet) and not changed_keys(vae_before, pipe.vae), "fit modified the base"
+    defended = crt.apply(pipe, artifact)
+    changed = changed_keys(before, defended.pipe.unet)
+    assert changed and changed <= declared
+    assert not changed_keys(before, pipe.unet), "apply modified the base UNet"
+    assert defended.pipe.unet is not pipe.unet and defended.pipe.text_encoder is pipe.text_encoder
+    assert defended.filter is None and defended.exposes == OPEN_WEIGHTS and defended.crt_name == crt.name
+    assert crt.family is Family.WEIGHT_EDIT
+    image = tiny.generate([concept.prompt_set("target")[0]], pipe=defended.pipe)[0]
+    assert image.size == (tiny.size, tiny.size)
+    return artifact, changed

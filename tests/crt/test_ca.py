@@ -7,10 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
-from torch import nn
 
-from crt.base import OPEN_WEIGHTS, FitContext
+from crt.base import FitContext
 from crt.ca import (
     CA,
     AnchorData,
@@ -24,33 +22,23 @@ from crt.ca import (
     target_variants,
     trainable_names,
 )
-from runners.spec import Family, PromptItem
-from tests.crt.conftest import ROOT, changed_keys, state_snapshot
-
-
-class AffineUNet(nn.Module):
-    """``eps(x, c) = a x + b c0``, c0 the first entry of the text condition: every prediction known by hand."""
-
-    def __init__(self, a: float = 0.5, b: float = 2.0):
-        super().__init__()
-        self.a = nn.Parameter(torch.tensor(a))
-        self.b = nn.Parameter(torch.tensor(b))
-
-    def forward(self, sample, t, encoder_hidden_states):
-        c0 = encoder_hidden_states[:, 0, 0].view(-1, 1, 1, 1)
-        return SimpleNamespace(sample=self.a * sample + self.b * c0)
-
-
-def _text(value: float, n: int = 1) -> torch.Tensor:
-    text = torch.zeros(n, 77, 4)
-    text[:, 0, 0] = value
-    return text
+from runners.spec import PromptItem
+from tests.crt.conftest import (
+    AffineUNet,
+    changed_keys,
+    clean_latent,
+    crt_yaml,
+    fit_and_apply_edit,
+    nearest,
+    state_snapshot,
+    text_condition,
+)
 
 
 def _batch(**extra) -> CABatch:
     # x = 1, c* = 3, c = 1: eps(c*) = 0.5 + 6 = 6.5, eps(c) = 0.5 + 2 = 2.5; noise 0.5; C = 2 channels, 2 x 2 latents
     return CABatch(x_t=torch.ones(1, 2, 2, 2), t=torch.tensor([10]), target=torch.full((1, 2, 2, 2), 0.5),
-                   target_cond=_text(3.0), anchor_cond=_text(1.0), **extra)
+                   target_cond=text_condition(3.0), anchor_cond=text_condition(1.0), **extra)
 
 
 def _grads(loss: torch.Tensor, unet: AffineUNet) -> tuple[float, float]:
@@ -69,8 +57,8 @@ def test_model_based_target_is_the_current_model_with_the_anchor_prompt_without_
     # stop-gradient: d/da = sum 2 * 4 * x / 4 = 16, d/db = sum 2 * 4 * c* / 4 = 48; a gradient through the target
     # would give d/da = 0 (a x cancels) and d/db = sum 2 * 4 * (c* - c) / 4 = 32
     assert _grads(loss, unet) == pytest.approx((16.0, 48.0))
-    pred = unet(torch.ones(1, 2, 2, 2), None, _text(3.0)).sample
-    through = (pred - unet(torch.ones(1, 2, 2, 2), None, _text(1.0)).sample).pow(2).sum() / 4
+    pred = unet(torch.ones(1, 2, 2, 2), None, text_condition(3.0)).sample
+    through = (pred - unet(torch.ones(1, 2, 2, 2), None, text_condition(1.0)).sample).pow(2).sum() / 4
     assert _grads(through, unet) == pytest.approx((0.0, 32.0))
 
 
@@ -89,7 +77,7 @@ def test_prior_preservation_adds_the_weighted_per_element_mse_to_the_noise(loss_
     unet = AffineUNet()
     # prior: x' = 2, c' = 1 -> eps = 1 + 2 = 3 against noise 1: per-element mean 4, weight 0.5 -> 2
     batch = _batch(prior_x_t=torch.full((1, 2, 2, 2), 2.0), prior_t=torch.tensor([20]),
-                   prior_target=torch.ones(1, 2, 2, 2), prior_cond=_text(1.0))
+                   prior_target=torch.ones(1, 2, 2, 2), prior_cond=text_condition(1.0))
     assert ca_loss(unet, batch, loss_type, prior_loss_weight=0.5).item() == pytest.approx(instance + 2.0)
 
 
@@ -151,13 +139,11 @@ def test_batches_noise_the_sampled_latents_and_pick_each_images_prompts(sd14):
                       target_conds=[anchor_cond[i:i + 1] + 10 for i in range(2)],
                       target_probs=[torch.ones(1), torch.ones(1)], prompt_of_image=[0, 1, 0, 1, 0], pairs=[])
     ctx = SimpleNamespace(pipe=sd14.pipe)
-    abar = sd14.pipe.scheduler.alphas_cumprod
     batches = crt.batches(ctx, data, torch.Generator().manual_seed(0))
     for _ in range(4):  # past one epoch of 5 images (batches of 3 and 2)
         batch = next(batches)
-        a = abar[batch.t].view(-1, 1, 1, 1)
-        x0 = (batch.x_t - (1 - a).sqrt() * batch.target) / a.sqrt()
-        image = [int(torch.argmin((mean[0] - x).flatten(1).abs().sum(1))) for x in x0]
+        x0 = clean_latent(sd14.pipe.scheduler.alphas_cumprod, batch.x_t, batch.t, batch.target)
+        image = nearest(mean[0], x0)
         torch.testing.assert_close(x0, mean[0, image], atol=1e-4, rtol=1e-4)
         prompts = [data.prompt_of_image[i] for i in image]
         assert batch.anchor_cond[:, 0, 0].tolist() == prompts
@@ -186,34 +172,16 @@ def test_parameter_groups_follow_the_official_names(sd14, group):
 
 @pytest.mark.parametrize("loss_type", ["model-based", "noise-based"])
 def test_fit_and_apply_change_only_the_parameter_group(sd14, concept, loss_type):
-    pipe = sd14.pipe
-    before = state_snapshot(pipe.unet)
-    vae_before = state_snapshot(pipe.vae)
     crt = CA(loss_type=loss_type, num_anchor_images=4, max_train_steps=2, batch_size=2, lr=1e-3, scale_lr=False,
              with_prior_preservation=loss_type == "model-based")
     assert crt.name == ("ca" if loss_type == "model-based" else "ca_noise")
-    ctx = FitContext(pipe=pipe, concept=concept, settings=sd14.settings, generate=sd14.generate)
-    artifact = crt.fit(ctx)
-    declared = set(trainable_names(pipe.unet, "cross-attn"))
-    assert set(artifact.tensors) == declared
-    assert not changed_keys(before, pipe.unet) and not changed_keys(vae_before, pipe.vae), "fit modified the base"
+    artifact, _ = fit_and_apply_edit(crt, sd14, concept, set(trainable_names(sd14.pipe.unet, "cross-attn")))
     assert artifact.meta["loss"]["steps"] == 2 and artifact.meta["anchor_images"] == 4
     assert artifact.meta["pairs_head"][0] == ["a clothed circle", "a nude circle"]
 
-    defended = crt.apply(pipe, artifact)
-    assert defended.pipe.unet is not pipe.unet and defended.pipe.text_encoder is pipe.text_encoder
-    changed = changed_keys(before, defended.pipe.unet)
-    assert changed and changed <= declared
-    assert not changed_keys(before, pipe.unet), "apply modified the base UNet"
-    assert defended.exposes == OPEN_WEIGHTS and defended.filter is None
-    assert defended.crt_name == crt.name and CA.family is Family.WEIGHT_EDIT
-    image = sd14.generate([concept.prompt_set("target")[0]], pipe=defended.pipe)[0]
-    assert image.size == (sd14.size, sd14.size)
-
 
 def test_yaml_defaults_build_both_variants():
-    ca_cfg = yaml.safe_load((ROOT / "conf" / "crt" / "ca.yaml").read_text())
-    noise_cfg = yaml.safe_load((ROOT / "conf" / "crt" / "ca_noise.yaml").read_text())
+    ca_cfg, noise_cfg = crt_yaml("ca"), crt_yaml("ca_noise")
     assert noise_cfg["defaults"] == ["ca", "_self_"]
     model_based = CA(**ca_cfg["params"])
     noise_based = CA(**{**ca_cfg["params"], **noise_cfg["params"]})

@@ -10,11 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from diffusers import DDPMScheduler
 from torch import nn
 
-from crt.base import OPEN_WEIGHTS, FitContext
+from crt.base import FitContext
 from crt.sa import (
     SA,
     FisherSamples,
@@ -32,28 +31,8 @@ from crt.sa import (
     total_steps,
     trainable_names,
 )
-from runners.spec import Family
-from tests.crt.conftest import ROOT, changed_keys, state_snapshot
+from tests.crt.conftest import AffineUNet, clean_latent, crt_yaml, fit_and_apply_edit, nearest, text_condition
 from tests.crt.test_resume import kill_and_resume
-
-
-class AffineUNet(nn.Module):
-    """``eps(x, c) = a x + b c0``, c0 the first entry of the text condition: every gradient known by hand."""
-
-    def __init__(self, a: float = 0.5, b: float = 2.0):
-        super().__init__()
-        self.a = nn.Parameter(torch.tensor(a))
-        self.b = nn.Parameter(torch.tensor(b))
-
-    def forward(self, sample, t, encoder_hidden_states):
-        c0 = encoder_hidden_states[:, 0, 0].view(-1, 1, 1, 1)
-        return SimpleNamespace(sample=self.a * sample + self.b * c0)
-
-
-def _text(values: list[float]) -> torch.Tensor:
-    text = torch.zeros(len(values), 77, 4)
-    text[:, 0, 0] = torch.tensor(values)
-    return text
 
 
 def _hand_fisher(model: AffineUNet, scheduler, samples: FisherSamples, grid: torch.Tensor, scale: float,
@@ -87,7 +66,7 @@ def test_fisher_diagonal_is_the_mean_squared_gradient_of_the_loss_summed_over_ti
     params = dict(model.named_parameters())
     torch.manual_seed(0)
     samples = FisherSamples(mean=torch.randn(3, 2, 2, 2), std=torch.full((3, 2, 2, 2), 0.1),
-                            cond=_text([1.0, -0.5, 2.0]))
+                            cond=text_condition(1.0, -0.5, 2.0))
     fisher = fisher_diagonal(model, params, scheduler, samples, count, chunk=3, gen=torch.Generator().manual_seed(7))
     grid = fisher_timestep_grid(train_steps, count)
     hand = _hand_fisher(model, scheduler, samples, grid, train_steps / count, seed=7)
@@ -105,7 +84,7 @@ def test_chunking_the_timesteps_does_not_change_the_summed_gradient():
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     model = AffineUNet()
     params = dict(model.named_parameters())
-    latent, cond = torch.randn(1, 2, 2, 2), _text([1.5])
+    latent, cond = torch.randn(1, 2, 2, 2), text_condition(1.5)
     t, noise = torch.tensor([3, 400, 999, 50, 700]), torch.randn(5, 2, 2, 2)
     whole = sample_gradient(model, params, scheduler, latent, cond, t, noise, chunk=5)
     pieces = sample_gradient(model, params, scheduler, latent, cond, t, noise, chunk=2)
@@ -165,15 +144,6 @@ def _data(pairs: int = 5, words: int = 3) -> SAData:
                   generic=generic, pairs=pairs, forget_words=[str(w) for w in range(words)], surrogate_prompt="s")
 
 
-def _x0(scheduler, x_t, t, noise):
-    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-    return (x_t - (1 - a).sqrt() * noise) / a.sqrt()
-
-
-def _image(means: torch.Tensor, x0: torch.Tensor) -> list[int]:
-    return [int(torch.argmin((means - x).flatten(1).abs().sum(1))) for x in x0]
-
-
 def test_steps_pair_surrogate_i_with_replay_i_and_split_into_one_micro_batch_per_gpu(sd14):
     crt = SA(batch_size=1, num_processes=2)
     data = _data()
@@ -184,10 +154,11 @@ def test_steps_pair_surrogate_i_with_replay_i_and_split_into_one_micro_batch_per
         micro = next(steps)
         assert len(micro) == min(2, 5 - len(seen))
         for batch in micro:
-            x0 = _x0(scheduler, batch.forget_x_t, batch.forget_t, batch.forget_target)
-            surrogate = _image(data.surrogate_mean, x0)
+            x0 = clean_latent(scheduler.alphas_cumprod, batch.forget_x_t, batch.forget_t, batch.forget_target)
+            surrogate = nearest(data.surrogate_mean, x0)
             torch.testing.assert_close(x0, data.surrogate_mean[surrogate], atol=1e-4, rtol=1e-4)
-            replay = _image(data.generic.mean, _x0(scheduler, batch.replay_x_t, batch.replay_t, batch.replay_target))
+            replay = nearest(data.generic.mean, clean_latent(scheduler.alphas_cumprod, batch.replay_x_t,
+                                                             batch.replay_t, batch.replay_target))
             assert replay == surrogate  # the official ConcatDataset: pair i = (surrogate i, replay i)
             assert batch.replay_cond[:, 0, 0].tolist() == [float(i) for i in replay]
             assert set(batch.forget_cond[:, 0, 0].tolist()) <= {100.0, 101.0, 102.0}
@@ -226,26 +197,13 @@ def _small(**extra) -> SA:
 
 
 def test_fit_and_apply_train_everything_but_attn2_and_leave_the_base_alone(tiny, concept):
-    pipe = tiny.pipe
-    before, vae_before = state_snapshot(pipe.unet), state_snapshot(pipe.vae)
     crt = _small()
-    artifact = crt.fit(FitContext(pipe=pipe, concept=concept, settings=tiny.settings, generate=tiny.generate))
-    declared = set(trainable_names(pipe.unet, "noxattn"))
-    assert set(artifact.tensors) == declared
-    assert not changed_keys(before, pipe.unet) and not changed_keys(vae_before, pipe.vae), "fit modified the base"
+    artifact, changed = fit_and_apply_edit(crt, tiny, concept, set(trainable_names(tiny.pipe.unet, "noxattn")))
     meta = artifact.meta
     assert meta["loss"]["ewc"]["steps"] == 3 and meta["pairs"] == 3 and meta["fisher"]["computed"]
     assert meta["forget_words"] == ["nude"] and meta["surrogate_prompt"] == "clothed"  # c_u / c_a by default
     assert meta["loss"]["ewc"]["mean_per_window"][0] > 0  # the weights moved where the Fisher is not zero
-
-    defended = crt.apply(pipe, artifact)
-    changed = changed_keys(before, defended.pipe.unet)
-    assert changed and changed <= declared and not any(".attn2." in n for n in changed)
-    assert not changed_keys(before, pipe.unet), "apply modified the base UNet"
-    assert defended.pipe.text_encoder is pipe.text_encoder and defended.filter is None
-    assert defended.exposes == OPEN_WEIGHTS and SA.family is Family.WEIGHT_EDIT and crt.reconstruction
-    image = tiny.generate([concept.prompt_set("target")[0]], pipe=defended.pipe)[0]
-    assert image.size == (tiny.size, tiny.size)
+    assert not any(".attn2." in n for n in changed) and crt.reconstruction
 
 
 def test_a_fisher_file_replaces_the_computation(sd14, concept, tmp_path, monkeypatch):
@@ -276,7 +234,7 @@ def test_a_killed_fit_resumes_with_its_fisher_and_ends_where_the_whole_fit_ends(
 
 
 def test_yaml_defaults_are_the_config_defaults():
-    cfg = yaml.safe_load((ROOT / "conf" / "crt" / "sa.yaml").read_text())
+    cfg = crt_yaml("sa")
     assert cfg["name"] == "sa" and cfg["handler"] == "crt.sa.SA"
     assert SA(**cfg["params"]).config == SAConfig()
     assert set(cfg["mini"]) <= set(cfg["params"])
