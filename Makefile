@@ -45,6 +45,7 @@ leaderboard: $(STAMP)  ## every world concept x CRT x attack (resumable; committ
 		progress=false results.leaderboard=false
 	$(PY) -m runners.leaderboard results
 	$(PY) -m runners.claims results > /dev/null
+	$(PY) -m runners.readme_tables
 
 leaderboard-table: $(STAMP)  ## only rebuild results/leaderboard.md, .csv, leaderboard_long.csv and plots/ from results/runs/*.json
 	$(PY) -m runners.leaderboard results

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runners.catalog import build_catalog, crt_table_markdown, support_markdown
-from runners.readme_tables import readme_tables
+from runners.readme_tables import readme_tables, write_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -28,29 +28,17 @@ def catalog():
 
 
 def test_the_crt_table_is_generated(catalog):
-    assert block("crt-table") == "\n".join(crt_table_markdown(catalog)), "run: python -m tests.test_readme"
+    assert block("crt-table") == "\n".join(crt_table_markdown(catalog)), "run: python -m runners.readme_tables"
 
 
 def test_the_support_matrix_is_generated(catalog):
     assert block("support-matrix") == "\n".join(support_markdown(catalog)[4:]).strip(), \
-        "run: python -m tests.test_readme"
+        "run: python -m runners.readme_tables"
 
 
 def test_the_result_tables_are_generated():
-    assert block("result-tables") == "\n".join(readme_tables(RESULTS)).strip(), "run: python -m tests.test_readme"
-
-
-def write() -> None:
-    """Regenerate the README's blocks in place (``python -m tests.test_readme``)."""
-    catalog = build_catalog()
-    text = README.read_text()
-    blocks = (("crt-table", crt_table_markdown(catalog)), ("support-matrix", support_markdown(catalog)[4:]),
-              ("result-tables", readme_tables(RESULTS)))
-    for name, lines in blocks:
-        replacement = f"<!-- {name} -->\n{chr(10).join(lines).strip()}\n<!-- /{name} -->"
-        text = re.sub(rf"<!-- {name} -->\n.*?<!-- /{name} -->", lambda _, r=replacement: r, text, flags=re.S)
-    README.write_text(text)
+    assert block("result-tables") == "\n".join(readme_tables(RESULTS)).strip(), "run: python -m runners.readme_tables"
 
 
 if __name__ == "__main__":
-    write()
+    write_readme(README, RESULTS)

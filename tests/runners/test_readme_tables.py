@@ -14,9 +14,12 @@ def _metric(value: float, ci: tuple[float, float] | None = None) -> dict:
 
 
 def _run(crt: str, label: str, metrics: dict, concept: str = "world_nudity", model: str = "mini",
-         created: str = "2026-01-01T00:00:00", checks: dict | None = None) -> dict:
+         created: str = "2026-01-01T00:00:00", checks: dict | None = None, post: list[bool] | None = None) -> dict:
+    """``post``: per-target outcomes (the runner's ``attack.targets``), which the worst case combines."""
+    targets = [{"target": f"t{i}", "post": p} for i, p in enumerate(post or [])]
     return {"schema_version": 2, "created": created, "run_key": f"{crt}-{label}", "checks": checks or {},
-            "labels": {"model": model, "concept": concept, "crt": crt, "attack": label}, "metrics": metrics}
+            "labels": {"model": model, "concept": concept, "crt": crt, "attack": label}, "metrics": metrics,
+            "attack": {"targets": targets}}
 
 
 def _base(judge: float, ci: tuple[float, float], implicit: float | None, clip: float, ncs: float,
@@ -36,9 +39,12 @@ def _asr(attack: str, value: float, ci: tuple[float, float] = (0.0, 1.0)) -> dic
 RUNS = [
     # espresso: every column present; the adaptive cell joins Ring-A-Bell's and UnlearnDiffAtk's
     _run("espresso", "none", _base(0.03125, (0.0008, 0.1622), 0.0625, 0.0136, 0.8897, 0.03125)),
-    _run("espresso", "ringabell", _asr("ringabell", 0.09375, (0.0198, 0.2502))),
-    _run("espresso", "unlearndiffatk-white-box", _asr("unlearndiffatk", 0.375, (0.2110, 0.5631))),
-    _run("espresso", "ringabell-adaptive", _asr("ringabell", 0.15625)),
+    # per target (four of them), Ring-A-Bell breaks t0, UnlearnDiffAtk t1, adaptive Ring-A-Bell t0 again: the worst
+    # case over the three is 2/4, Clopper-Pearson 95% [0.0676, 0.9324]
+    _run("espresso", "ringabell", _asr("ringabell", 0.09375, (0.0198, 0.2502)), post=[True, False, False, False]),
+    _run("espresso", "unlearndiffatk-white-box", _asr("unlearndiffatk", 0.375, (0.2110, 0.5631)),
+         post=[False, True, False, False]),
+    _run("espresso", "ringabell-adaptive", _asr("ringabell", 0.15625), post=[True, False, False, False]),
     _run("espresso", "unlearndiffatk-adaptive", _asr("unlearndiffatk", 0.21875)),
     # none, listed second: the reference row still comes first; an older no-attack run loses to the newer one
     _run("none", "none", _base(0.5, (0.0, 1.0), 0.5, 0.5, 0.5, 0.5), created="2025-01-01T00:00:00"),
@@ -56,15 +62,15 @@ RUNS = [
 
 NUDITY = [
     "**world_nudity**", "", HEADER, RULE,
-    "| none | 1.00 [0.89, 1.00] | — | 0.97 | 1.000 | 1.00 | — | — | — |",
+    "| none | 1.00 [0.89, 1.00] | — | 0.97 | 1.000 | 1.00 | — | — | — | — |",
     "| espresso | 0.03 [0.00, 0.16] | 0.06 | 0.01 | 0.890 | 0.03 | 0.09 [0.02, 0.25] | 0.38 [0.21, 0.56] "
-    "| 0.16 / 0.22 |",
-    "| zzz_new | 0.72 [0.53, 0.86] | 0.81 | 0.65 | 1.023 | 0.72 | — | — | — / 0.91 |",
+    "| 0.16 / 0.22 | 0.50 [0.07, 0.93] (3) |",
+    "| zzz_new | 0.72 [0.53, 0.86] | 0.81 | 0.65 | 1.023 | 0.72 | — | — | — / 0.91 | — |",
     "",
 ]
 REDCROSS = [
     "**world_redcross**", "", HEADER, RULE,
-    "| none | 0.88 [0.71, 0.96] | 0.94 | 0.83 | 1.000 | 0.88 | — | — | — |",
+    "| none | 0.88 [0.71, 0.96] | 0.94 | 0.83 | 1.000 | 0.88 | — | — | — | — |",
     "",
     "CLIP accuracy is not meaningful for this pair (evaluator zero-shot 0.84).",
     "",
@@ -84,3 +90,14 @@ def test_readme_tables_reads_the_runs_folder(tmp_path: Path):
     for i, run in enumerate(RUNS):
         (tmp_path / "runs" / f"run{i}.json").write_text(json.dumps(run))
     assert readme_tables(tmp_path) == NUDITY + REDCROSS
+
+
+def test_write_readme_replaces_only_what_lies_between_each_blocks_markers(tmp_path: Path, monkeypatch):
+    from runners import readme_tables as module
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- a -->\nold a\n<!-- /a -->\nmiddle \\1 $x\n<!-- b -->\nold\nb\n<!-- /b -->\nend\n")
+    monkeypatch.setattr(module, "readme_blocks", lambda results: {"a": ["new a", ""], "b": ["\\g<0> 1", "2"]})
+    module.write_readme(readme, tmp_path)
+    assert readme.read_text() == ("intro\n<!-- a -->\nnew a\n<!-- /a -->\nmiddle \\1 $x\n<!-- b -->\n\\g<0> 1\n2\n"
+                                  "<!-- /b -->\nend\n")
