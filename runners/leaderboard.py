@@ -255,6 +255,7 @@ def render(runs: list[dict[str, Any]], skipped_old: int = 0) -> tuple[str, str]:
     if not tables:
         lines.append("No results yet: `make run` adds the first row.")
     lines += overall_markdown(tables)
+    lines += attack_cost_markdown(runs)
     for (model, concept), (columns, rows) in sorted(tables.items()):
         directions = {c: _direction(c, rows) for c in columns}
         lines += [f"## model: {model}, concept: {concept}", "",
@@ -266,6 +267,44 @@ def render(runs: list[dict[str, Any]], skipped_old: int = 0) -> tuple[str, str]:
                                                 for c in columns), ""]
         lines += _pair_warning(runs, model, concept)
     return "\n".join(lines), long_csv(runs)
+
+
+COST_FIELDS = (("wall_s_per_target", "wall s"), ("forward_per_target", "forward passes"),
+               ("backward_per_target", "backward passes"), ("queries_per_target", "queries"),
+               ("oracle_calls_per_target", "oracle calls"))
+
+
+def attack_costs(runs: list[dict[str, Any]]) -> pd.DataFrame:
+    """What each attack paid per attacked target (``attack.cost`` of every run, newest per label): one row per model,
+    attack label and run; runs that attacked nothing (no targets, or every target's result reused from the store
+    with no cost counted) are left out."""
+    records = []
+    for (model, _concept, _crt, label), run in latest(runs).items():
+        cost = (run.get("attack") or {}).get("cost") or {}
+        if label == "none" or not cost.get("targets"):
+            continue
+        records.append({"model": model, "attack": label, **{field: float(cost.get(field) or 0.0)
+                                                            for field, _ in COST_FIELDS}})
+    return pd.DataFrame(records, columns=["model", "attack", *(field for field, _ in COST_FIELDS)])
+
+
+def attack_cost_markdown(runs: list[dict[str, Any]]) -> list[str]:
+    """Per model, each attack's cost per target as median [min-max] over its runs: wall time is on the machine that
+    ran it, so only the pass and query counts compare across machines."""
+    costs = attack_costs(runs)
+    lines: list[str] = []
+    for model, frame in costs.groupby("model", sort=True):
+        lines += [f"## Attack cost per target, model: {model}", "",
+                  "Median [min-max] over the runs of each attack (one run = one CRT on one concept): wall seconds "
+                  "per attacked target on the machine that ran it, model forward and backward passes, queries to "
+                  "the deployed system (generations) and oracle (judge) calls. From `attack.cost` in each run.", "",
+                  "| attack | runs | " + " | ".join(title for _, title in COST_FIELDS) + " |",
+                  "|---|---|" + "---|" * len(COST_FIELDS)]
+        for attack, group in frame.groupby("attack", sort=True):
+            cells = [f"{group[f].median():.2f} [{group[f].min():.2f}-{group[f].max():.2f}]" for f, _ in COST_FIELDS]
+            lines.append(f"| {attack} | {len(group)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 @dataclass(frozen=True)

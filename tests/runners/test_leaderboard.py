@@ -263,3 +263,28 @@ def test_long_csv_file_has_one_row_per_model_concept_crt_attack_metric(tmp_path:
     assert worst.run_key == "esd_x-ringabell+esd_x-ringabell-adaptive+esd_x-unlearndiffatk-white-box"
     # the table CSV keeps its own columns
     assert Path(paths["leaderboard_csv"]).read_text().startswith("model,concept,crt,attack,mode,metric,group")
+
+
+def _with_cost(run: dict, wall: float, forward: float, queries: float, targets: int = 32) -> dict:
+    run["attack"]["cost"] = {"targets": targets, "wall_s_per_target": wall, "forward_per_target": forward,
+                             "backward_per_target": forward / 2, "queries_per_target": queries}
+    return run
+
+
+def test_attack_cost_is_the_median_and_range_per_attack_over_its_newest_runs():
+    runs = [_with_cost(_run("esd_x", "pez"), 1.0, 100.0, 0.0),
+            _with_cost(_run("uce", "pez"), 3.0, 100.0, 0.0),
+            _with_cost(_run("ca", "pez"), 2.5, 80.0, 0.0),
+            _with_cost(_run("ca", "pez", created="2025-01-01T00:00:00"), 99.0, 999.0, 9.0),  # older: replaced
+            _with_cost(_run("esd_x", "cce", "white-box"), 1.5, 26.0, 4.0),
+            _with_cost(_run("uce", "cce", "white-box"), 0.0, 0.0, 0.0, targets=0),  # attacked nothing: left out
+            _with_cost(_run("esd_x", "none"), 0.0, 0.0, 0.0)]
+    markdown, _ = render(runs)
+    section = markdown.split("## Attack cost per target, model: mini")[1].split("## model: ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| attack | runs | wall s | forward passes | backward passes | queries | oracle calls |"
+    assert lines[1] == ("| cce-white-box | 1 | 1.50 [1.50-1.50] | 26.00 [26.00-26.00] | 13.00 [13.00-13.00] "
+                        "| 4.00 [4.00-4.00] | 0.00 [0.00-0.00] |")
+    assert lines[2] == ("| pez | 3 | 2.50 [1.00-3.00] | 100.00 [80.00-100.00] | 50.00 [40.00-50.00] "
+                        "| 0.00 [0.00-0.00] | 0.00 [0.00-0.00] |")
+    assert len(lines) == 3
