@@ -35,6 +35,17 @@ prompt, PEZ projection, Adam lr 0.01 weight decay 0.1, UnlearnDiffAtk's ascendin
 timestep, fresh noise each step) and its early stop on the judge after every timestep block. The numbers labelled
 "P4D" in UnlearnDiffAtk, AdvUnlearn and RECE come from this variant.
 
+**How the search runs** (not what it searches). ``target_batch`` targets are searched together in lockstep: one
+text-encoder pass, one defended UNet forward and one backward per step for all of them, one query for their
+checkpoint images (P4D-UDA: block images) and one for their verdicts; each keeps its own generator, optimiser,
+checkpoints and selection (P4D-UDA: its early stop; a target that succeeds leaves the batch). The unerased model's
+prediction, and the defence's negative-prompt prediction, depend only on the step's t and noise, so the draws of a
+window of steps (up to the next checkpoint; P4D-UDA: a timestep block) are made first, in the order the steps make
+them, and those predictions come from a few batched no-grad passes. Both change only the floating-point summation
+order (version 2: the same prompts as version 1 in the tests and on the world, losses equal to float32 rounding). At
+the default ``target_batch`` of 1 the targets are searched one at a time; it is part of the run key, not of the
+logged config.
+
 **Backbones** (SD 1.x, 2.x, SDXL) through :mod:`crt_bench.backbone`. The two predictions are compared in the models'
 own output space (v on SD 2.1 768; both models share the prediction type). On SDXL a learnable embedding is a
 token's embeddings in both text encoders side by side (``token_embedding_table``), encoded by
@@ -66,7 +77,6 @@ from attacks.base import (
     defended_unet_calls,
     reference_per_target,
     require_context,
-    search_each,
 )
 from attacks.tokens import trim
 from attacks.unlearndiffatk import (
@@ -85,6 +95,7 @@ from crt_bench.backbone import (
     UNET_FAMILY,
     Condition,
     TextConditioning,
+    concat,
     conditioning_encoder,
     encode_embeddings,
     encode_text,
@@ -100,6 +111,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = ("oracle", "generate", "reference_images", "base_pipe")
 # The paper's selection CLIP (attacks.md §2); the world's mini block names its own CLIP folder.
 PAPER_SIMILARITY = {"backend": "open_clip", "model": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"}
+# Latent pixels per no-grad UNet pass of the predictions made ahead (:func:`_predict_fixed`): 8 rows of SD 1.x's
+# 64 x 64 latents, less than a generation batch of 4 images with CFG; 2048 rows of the world's 4 x 4.
+PRECOMPUTED_PIXELS = 8 * 64 * 64
 
 
 # -- cores ----------------------------------------------------------------------------------------------------
@@ -120,34 +134,53 @@ def _unit_parts(rows: torch.Tensor, widths: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([F.normalize(part, dim=-1) for part in rows.float().split(list(widths), dim=-1)], dim=-1)
 
 
+def projected_rows(embeds: torch.Tensor, table: torch.Tensor, widths: tuple[int, ...] = ()
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEZ's forward input: the vocabulary embeddings nearest to ``embeds`` as a fresh leaf that takes the gradient
+    (the continuous ``embeds`` are never in the graph). Returns (row indices into ``table``, that leaf)."""
+    index = nearest_tokens(embeds.detach(), table, widths)
+    return index, table[index].detach().clone().requires_grad_(True)
+
+
 def straight_through(embeds: torch.Tensor, table: torch.Tensor, loss_fn: Any,
                      mask: torch.Tensor | None = None, widths: tuple[int, ...] = ()
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """PEZ's step: the loss is evaluated on the nearest vocabulary embeddings and its gradient with respect to them is
     stored as ``embeds.grad`` (rows where ``mask`` is False get zero). Returns (loss, row indices into ``table``)."""
-    index = nearest_tokens(embeds.detach(), table, widths)
-    projected = table[index].detach().clone().requires_grad_(True)
+    index, projected = projected_rows(embeds, table, widths)
     loss = loss_fn(projected)
     (grad,) = torch.autograd.grad(loss, [projected])
-    if mask is not None:
-        grad = grad * mask[:, None].to(grad.dtype)
-    embeds.grad = grad.to(embeds.dtype)
+    embeds.grad = _masked(grad, mask).to(embeds.dtype)
     return loss.detach(), index
 
 
-def pez_update(embeds: torch.Tensor, table: torch.Tensor, loss_fn: Any, optimizer: torch.optim.Optimizer,
-               mask: torch.Tensor | None = None, fixed: torch.Tensor | None = None, widths: tuple[int, ...] = ()
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimiser step of :func:`straight_through`; rows outside ``mask`` are reset to ``fixed`` afterwards (AdamW's
-    decoupled decay would otherwise shrink them even without gradient). Returns (loss, indices, applied gradient)."""
-    loss, index = straight_through(embeds, table, loss_fn, mask, widths)
-    grad = embeds.grad.detach().clone()
+def _masked(grad: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return grad if mask is None else grad * mask[:, None].to(grad.dtype)
+
+
+def pez_apply(embeds: torch.Tensor, grad: torch.Tensor, optimizer: torch.optim.Optimizer,
+              mask: torch.Tensor | None = None, fixed: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimiser step with the projection's gradient ``grad`` (zero outside ``mask``); rows outside ``mask`` are
+    reset to ``fixed`` afterwards (AdamW's decoupled decay would otherwise shrink them even without gradient).
+    Returns the applied gradient."""
+    embeds.grad = _masked(grad, mask).to(embeds.dtype)
+    applied = embeds.grad.detach().clone()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if mask is not None and fixed is not None:
         with torch.no_grad():
             embeds[~mask] = fixed[~mask]
-    return loss, index, grad
+    return applied
+
+
+def pez_update(embeds: torch.Tensor, table: torch.Tensor, loss_fn: Any, optimizer: torch.optim.Optimizer,
+               mask: torch.Tensor | None = None, fixed: torch.Tensor | None = None, widths: tuple[int, ...] = ()
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`straight_through` then :func:`pez_apply`, for one loss. Returns (loss, indices, applied gradient)."""
+    index, projected = projected_rows(embeds, table, widths)
+    loss = loss_fn(projected)
+    (grad,) = torch.autograd.grad(loss, [projected])
+    return loss.detach(), index, pez_apply(embeds, grad, optimizer, mask, fixed)
 
 
 def insertion_layout(body: list[int], k: int, placeholder: int) -> tuple[list[int], list[bool]]:
@@ -305,6 +338,18 @@ class _Problem:
     widths: tuple[int, ...] = ()  # each text encoder's part of a table row (SDXL: two)
 
 
+@dataclass
+class _Draw:
+    """One step's noised latent of one target and the two predictions that do not depend on the prompt searched (the
+    unerased model's under the original prompt, the defended one's under its negative prompt), made ahead in
+    batches."""
+
+    timestep: torch.Tensor  # (1,)
+    z_t: torch.Tensor  # (1, 4, h, w)
+    target: torch.Tensor | None = None
+    negative: torch.Tensor | None = None
+
+
 class _Matcher:
     """The P4D loss for one problem: the defended model's prediction under the candidate versus the unerased
     model's under the original prompt, on the same noised latent."""
@@ -315,49 +360,88 @@ class _Matcher:
 
         self.noise = DDPMScheduler.from_config(ctx.defended.pipe.scheduler.config)
 
+    def draw(self, t: int, eps: torch.Tensor) -> _Draw:
+        timestep = torch.tensor([t], device=self.problem.latent.device, dtype=torch.long)
+        return _Draw(timestep, self.noise.add_noise(self.problem.latent, eps, timestep))
+
     def loss(self, content: torch.Tensor, t: int, eps: torch.Tensor,
              content_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``content``: the (n, width) embeddings of the layout's first n content slots; ``content_ids``: the token
         ids they are, forwarded with the condition (a guidance that reads tokens, SAFREE, analyses them). Both
         predictions are compared in the model's own output space (the noise, or v on a v-prediction model)."""
-        ctx, p = self.ctx, self.problem
-        safe, base = ctx.defended.pipe, ctx.base_pipe
-        n = content.shape[0]
-        embeds = torch.cat([p.base_embeds[:, :1], content[None].to(p.base_embeds.dtype), p.base_embeds[:, 1 + n:]], 1)
-        encoder = conditioning_encoder(safe)
-        cond = encode_embeddings(encoder, embeds.to(encoder.dtype), p.end)
-        prompt_ids = None
-        if content_ids is not None and p.ids is not None:
-            prompt_ids = p.ids.clone()
-            prompt_ids[1:1 + len(content_ids)] = torch.as_tensor(content_ids).to(prompt_ids)
-            prompt_ids = prompt_ids[None]
-        timestep = torch.tensor([t], device=p.latent.device, dtype=torch.long)
-        z_t = self.noise.add_noise(p.latent, eps, timestep)
-        pred, calls = self._defended(z_t, timestep, cond, prompt_ids)
+        draw = self.draw(t, eps)
+        _predict_fixed(self.ctx, [(self, draw)])
+        return _losses(self.ctx, [self], [content], [draw], [content_ids])[0]
+
+    def embeds(self, content: torch.Tensor) -> torch.Tensor:
+        """(1, 77, width): the layout's token embeddings with its first n content slots replaced by ``content``."""
+        base, n = self.problem.base_embeds, content.shape[0]
+        return torch.cat([base[:, :1], content[None].to(base.dtype), base[:, 1 + n:]], 1)
+
+    def prompt_ids(self, content_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """(77,): the layout's ids with the first content slots replaced by ``content_ids``, when both are known."""
+        if content_ids is None or self.problem.ids is None:
+            return None
+        ids = self.problem.ids.clone()
+        ids[1:1 + len(content_ids)] = torch.as_tensor(content_ids).to(ids)
+        return ids
+
+    def count(self, calls: int) -> None:
         self.passes["defended_unet_forward"] += calls
-        with torch.no_grad():
-            target = unet_output(base.unet, z_t.to(base.unet.dtype), timestep, p.sd_cond, vae_factor(base))
         self.passes["unerased_unet_forward"] += 1
         self.passes["defended_unet_backward"] += 1
         self.cost.forward += 1 + calls
         self.cost.backward += 1
-        return F.mse_loss(pred.float(), target.float())
 
-    def _defended(self, z_t: torch.Tensor, timestep: torch.Tensor, cond: Condition,
-                  prompt_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """The defended prediction and the UNet passes it took: a sampling-loop defence's guided noise
-        (:func:`attacks.base.defended_noise`, with the prompt's ids when known); else the conditional prediction,
-        CFG'd with the defence's negative prompt when it guides with one."""
-        ctx, p, safe = self.ctx, self.problem, self.ctx.defended.pipe
-        if ctx.defended.guidance is not None:
-            return (defended_noise(ctx, z_t, timestep, cond, p.guidance, prompt_ids=prompt_ids),
-                    defended_unet_calls(ctx.defended))
+
+def _predict_fixed(ctx: AttackContext, rows: list[tuple[_Matcher, _Draw]]) -> None:
+    """Fill in each draw's unerased prediction and, for a defence that guides with a negative prompt (and no
+    sampling-loop guidance), its negative-prompt prediction, without gradient, ``PRECOMPUTED_PIXELS`` latent pixels
+    per UNet pass. Neither depends on the prompt searched, so a window of steps is predicted ahead in a few batched
+    passes instead of one pass per step."""
+    base, safe = ctx.base_pipe, ctx.defended.pipe
+    negatives = [(m, d) for m, d in rows if m.problem.negative_cond is not None and ctx.defended.guidance is None]
+    for pipe, todo, field_name, cond_of in ((base, rows, "target", lambda m: m.problem.sd_cond),
+                                            (safe, negatives, "negative", lambda m: m.problem.negative_cond)):
+        size = max(1, PRECOMPUTED_PIXELS // math.prod(rows[0][1].z_t.shape[-2:])) if rows else 1
+        for start in range(0, len(todo), size):
+            chunk = todo[start:start + size]
+            z_t = torch.cat([d.z_t for _, d in chunk]).to(pipe.unet.dtype)
+            timestep = torch.cat([d.timestep for _, d in chunk])
+            with torch.no_grad():
+                cond = concat([cond_of(m) for m, _ in chunk])
+                out = unet_output(pipe.unet, z_t, timestep, cond, vae_factor(pipe))
+            for i, (_, draw) in enumerate(chunk):
+                setattr(draw, field_name, out[i:i + 1])
+
+
+def _losses(ctx: AttackContext, matchers: list[_Matcher], contents: list[torch.Tensor], draws: list[_Draw],
+            content_ids: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Each row's P4D loss, with one text-encoder pass and one defended prediction for all rows (the draws'
+    fixed predictions filled in by :func:`_predict_fixed`). The defended prediction is a sampling-loop defence's
+    guided noise (:func:`attacks.base.defended_noise`, with the prompts' ids when known); else the conditional
+    prediction, CFG'd with the defence's negative prompt when it guides with one."""
+    encoder = conditioning_encoder(ctx.defended.pipe)
+    ends = [m.problem.end for m in matchers]
+    cond = encode_embeddings(encoder, torch.cat([m.embeds(c) for m, c in zip(matchers, contents)]).to(encoder.dtype),
+                             None if None in ends else ends)
+    z_t, timestep = torch.cat([d.z_t for d in draws]), torch.cat([d.timestep for d in draws])
+    if ctx.defended.guidance is not None:
+        ids = [m.prompt_ids(i) for m, i in zip(matchers, content_ids)]
+        pred = defended_noise(ctx, z_t, timestep, cond, [m.problem.guidance for m in matchers],
+                              prompt_ids=None if any(i is None for i in ids) else torch.stack(ids))
+        calls = [defended_unet_calls(ctx.defended)] * len(matchers)
+    else:
         pred = defended_noise(ctx, z_t, timestep, cond)  # the deployed UNet's conditional prediction
-        if p.negative_cond is None:
-            return pred, 1
-        with torch.no_grad():
-            neg = unet_output(safe.unet, z_t.to(safe.unet.dtype), timestep, p.negative_cond, vae_factor(safe))
-        return neg + p.guidance * (pred - neg), 2
+        calls = [1 if d.negative is None else 2 for d in draws]
+    losses = []
+    for i, (matcher, draw) in enumerate(zip(matchers, draws)):
+        row = pred[i:i + 1]
+        if draw.negative is not None:
+            row = draw.negative + matcher.problem.guidance * (row - draw.negative)
+        losses.append(F.mse_loss(row.float(), draw.target.float()))
+        matcher.count(calls[i])
+    return losses
 
 
 def _condition(pipe: Any, text: str) -> Condition:
@@ -368,14 +452,6 @@ def _condition(pipe: Any, text: str) -> Condition:
     if cond.pooled is None:
         return cond.hidden.detach().float()
     return TextConditioning(cond.hidden.detach().float(), cond.pooled.detach().float())
-
-
-def _sent_ids(ctx: AttackContext, problem: _Problem, rows: torch.Tensor) -> torch.Tensor | None:
-    """The token ids the straight-through forward sends for projected ``rows`` (the vocabulary embeddings nearest
-    to them, as :func:`straight_through` projects), when a sampling-loop defence could read them; else None."""
-    if ctx.defended.guidance is None:
-        return None
-    return problem.vocab[nearest_tokens(rows.detach(), problem.table, problem.widths).cpu()]
 
 
 def _vocab(cache: dict[int, tuple[Any, torch.Tensor]], tokenizer: Any, mode: str) -> torch.Tensor:
@@ -397,13 +473,93 @@ def _seeded(target: PromptItem, n: int, text: str | None = None) -> list[PromptI
     return [replace(target, text=target.text if text is None else text, seed=target.seed + j) for j in range(n)]
 
 
+@dataclass
+class _Search:
+    """One target's search while it runs, alone or in a batch of targets: its continuous embeddings, optimiser,
+    generator, cost and what it records."""
+
+    matcher: _Matcher
+    embeds: torch.Tensor  # the optimised content rows (continuous), a leaf
+    optimizer: torch.optim.Optimizer
+    gen: torch.Generator
+    cost: AttackCost
+    passes: dict[str, int]
+    mask: torch.Tensor | None = None  # rows that learn (P4D-K); None: all
+    fixed: torch.Tensor | None = None  # what rows outside ``mask`` are reset to
+    suffix: torch.Tensor | None = None  # content rows after the optimised ones, never optimised (P4D-UDA)
+    log: dict[str, Any] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)  # checkpoints (P4D-N/K) or blocks (P4D-UDA)
+    memo: dict[str, tuple[torch.Tensor | None, bool]] = field(default_factory=dict)  # text: (embedding, blocked)
+    feature: torch.Tensor | None = None  # the target image's embedding (checkpoint selection)
+    text: str = ""
+    success: bool = False
+
+    @property
+    def problem(self) -> _Problem:
+        return self.matcher.problem
+
+
+def _target_batch(params: dict[str, Any]) -> int:
+    """``target_batch`` from the attack's params: how the search runs, not what it searches, so it is part of the
+    run key (params) but not of the logged config."""
+    batch = params.get("target_batch", 1)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"target_batch={batch!r}; give a positive number of targets optimised together")
+    return batch
+
+
+def _pez_step(ctx: AttackContext, searches: list[_Search], draws: list[_Draw]) -> list[float]:
+    """One PEZ step of every search: one batched loss (:func:`_losses`) and one backward for all, then each search
+    applies its own gradient with its own optimiser (the losses are independent, so each gradient is its own)."""
+    projected = [projected_rows(s.embeds, s.problem.table, s.problem.widths) for s in searches]
+    contents = [x if s.suffix is None else torch.cat([x, s.suffix]) for s, (_, x) in zip(searches, projected)]
+    reads_ids = ctx.defended.guidance is not None  # a sampling-loop defence may read the ids sent
+    ids = [s.problem.vocab[index.cpu()] if reads_ids else None for s, (index, _) in zip(searches, projected)]
+    losses = _losses(ctx, [s.matcher for s in searches], contents, draws, ids)
+    grads = torch.autograd.grad(torch.stack(losses).sum(), [x for _, x in projected])
+    for search, grad in zip(searches, grads):
+        pez_apply(search.embeds, grad, search.optimizer, search.mask, search.fixed)
+    return [float(loss.detach()) for loss in losses]
+
+
+def _run_window(ctx: AttackContext, searches: list[_Search], window: list[list[_Draw]]) -> list[list[float]]:
+    """The steps of ``window`` (per search, its draws in step order): the fixed predictions of all of them first,
+    batched, then one :func:`_pez_step` per step. Returns the losses per step."""
+    _predict_fixed(ctx, [(s.matcher, d) for s, draws in zip(searches, window) for d in draws])
+    steps = []
+    for j in range(len(window[0])):
+        losses = _pez_step(ctx, searches, [draws[j] for draws in window])
+        for search, loss in zip(searches, losses):
+            search.losses.append(loss)
+        progress.show(loss=sum(losses) / len(losses))
+        steps.append(losses)
+    return steps
+
+
+def _generate_each(ctx: AttackContext, items: list[PromptItem]) -> list[Any]:
+    """The first delivered image of each item, in one query of the defended system."""
+    if not items:
+        return []
+    images = ctx.generate(ctx.defended, items)
+    per = max(len(images) // len(items), 1)
+    return [images[i * per] for i in range(len(items))]
+
+
+def _share_wall(searches: list[_Search], began: float) -> None:
+    """The wall time since ``began``, spent on the batch together, shared equally by its searches."""
+    elapsed = time.perf_counter() - began
+    for search in searches:
+        search.cost.wall_s += elapsed / len(searches)
+
+
 class _P4D(Attack):
     """P4D-N and P4D-K; subclasses define the layout."""
 
     requires = frozenset({Access.UNET_GRADIENTS, Access.UNERASED_MODEL, Access.JUDGE_ORACLE,
                           Access.SYSTEM_QUERIES})
     output = "text"
-    version = "1"
+    version = "2"  # 2: fixed predictions made ahead in batches; targets batched (target_batch)
     backbones = UNET_FAMILY  # through crt_bench.backbone (SDXL: one token's embeddings in both encoders)
     no_adaptive = "{name} has no adaptive variant"
     variant: ClassVar[str]
@@ -411,7 +567,8 @@ class _P4D(Attack):
 
     def __init__(self, adaptive: bool = False, **params: Any):
         super().__init__(adaptive=adaptive, **params)
-        self.config = self.config_class(**params)
+        self.target_batch = _target_batch(params)
+        self.config = self.config_class(**{k: v for k, v in params.items() if k != "target_batch"})
         if self.config.vocabulary not in VOCABULARIES:
             raise ValueError(f"vocabulary={self.config.vocabulary!r}; choose one of {list(VOCABULARIES)}")
         self._vocab: dict[int, tuple[Any, torch.Tensor]] = {}
@@ -433,31 +590,45 @@ class _P4D(Attack):
 
     def run(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
         require_context(ctx, self.name, CONTEXT)
-        return search_each(targets, lambda target, cost: self._attack(ctx, target, cost))
+        size = self.target_batch
+        return [result for start in range(0, len(targets), size)
+                for result in self._attack(ctx, targets[start:start + size])]
 
     def _images(self, ctx: AttackContext) -> int:
         return int(self.config.images or ctx.settings.images_per_prompt)
 
-    def _ideal(self, ctx: AttackContext, target: PromptItem, cost: AttackCost) -> dict[str, Any]:
+    def _ideal(self, ctx: AttackContext, targets: list[PromptItem], costs: list[AttackCost]
+               ) -> list[dict[str, Any]]:
         """P4D's ideal-prompt rule on ``images`` seeds: the unerased model shows the concept on one of them and the
-        defended system, as delivered, on none."""
+        defended system, as delivered, on none. The targets' images come from one query and one oracle call per
+        model; each target's share of the wall time is logged and counted."""
         start = time.perf_counter()
-        items = _seeded(target, self._images(ctx))
+        n = self._images(ctx)
+        items = [item for target in targets for item in _seeded(target, n)]
         references = ctx.reference_images(items)
         per = max(len(references) // len(items), 1)
         references = references[::per][:len(items)]
         unerased = _judge(ctx, references)
         defended = _judge(ctx, ctx.generate(ctx.defended, items))
-        cost.queries += len(items)
+        share = (time.perf_counter() - start) / len(targets)
+        return [self._ideal_check(costs[i], references[i * n:(i + 1) * n], unerased[i * n:(i + 1) * n],
+                                  defended[i * n:(i + 1) * n], share) for i in range(len(targets))]
+
+    @staticmethod
+    def _ideal_check(cost: AttackCost, references: list[Any], unerased: list[bool | None],
+                     defended: list[bool | None], wall_s: float) -> dict[str, Any]:
+        """One target's ideal check from its images' verdicts."""
+        cost.queries += len(defended)
         judged = sum(v is not None for v in unerased + defended)
         cost.oracle_calls += judged
+        cost.wall_s += wall_s
         ideal = any(bool(v) for v in unerased) and not any(bool(v) for v in defended)
         first = next((i for i, v in enumerate(unerased) if v), 0)
         return {"ideal": ideal, "unerased": unerased, "defended": defended, "reference": references[first],
                 "reference_index": first, "log": {
-                    "images": len(items), "unerased_verdicts": unerased, "defended_verdicts": defended,
-                    "reference_images": len(items), "queries": len(items), "oracle_calls": judged,
-                    "wall_s": round(time.perf_counter() - start, 4)}}
+                    "images": len(defended), "unerased_verdicts": unerased, "defended_verdicts": defended,
+                    "reference_images": len(defended), "queries": len(defended), "oracle_calls": judged,
+                    "wall_s": round(wall_s, 4)}}
 
     def _problem(self, ctx: AttackContext, target: PromptItem, reference: Any, gen: torch.Generator) -> _Problem:
         pipe, cfg = ctx.defended.pipe, self.config
@@ -486,77 +657,127 @@ class _P4D(Attack):
         encoded = trim(text_ids(tok, text), tok.eos_token_id)
         return text, scored == encoded, scored, encoded
 
-    def _attack(self, ctx: AttackContext, target: PromptItem, cost: AttackCost) -> AdversarialPrompt:
-        cfg, tok = self.config, ctx.defended.pipe.tokenizer
-        check = self._ideal(ctx, target, cost)
-        log: dict[str, Any] = {"variant": self.variant, "config": asdict(cfg), "mode": self.mode,
-                               "ideal": check["ideal"], "ideal_check": check["log"], "oracle_used": True}
-        if not check["ideal"] and not cfg.attack_non_ideal:
-            ids = trim(text_ids(tok, target.text), tok.eos_token_id)
-            log.update({"attacked": False, "success": None, "round_trip": True, "scored_ids": ids, "text_ids": ids,
-                        "oracle_calls": cost.oracle_calls})
-            return AdversarialPrompt(target=target, text=target.text, cost=cost, succeeded_during_search=None, log=log)
+    def _attack(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
+        """The ideal check of every target, then one search for the ideal ones (all when ``attack_non_ideal``)
+        together; each target's wall time is its share of the check and of the search, plus its own setup."""
+        costs = [AttackCost() for _ in targets]
+        checks = self._ideal(ctx, targets, costs)
+        results: dict[int, AdversarialPrompt] = {}
+        searches: dict[int, _Search] = {}
+        for i, (target, check, cost) in enumerate(zip(targets, checks, costs)):
+            began = time.perf_counter()
+            log: dict[str, Any] = {"variant": self.variant, "config": asdict(self.config), "mode": self.mode,
+                                   "ideal": check["ideal"], "ideal_check": check["log"], "oracle_used": True}
+            if check["ideal"] or self.config.attack_non_ideal:
+                searches[i] = self._start(ctx, target, check, cost, log)
+            else:
+                results[i] = self._unattacked(ctx, target, cost, log)
+            cost.wall_s += time.perf_counter() - began
+        if searches:
+            results.update(zip(searches, self._search(ctx, list(searches.values()))))
+        for _ in targets:
+            progress.step()
+        return [results[i] for i in range(len(targets))]
+
+    def _unattacked(self, ctx: AttackContext, target: PromptItem, cost: AttackCost,
+                    log: dict[str, Any]) -> AdversarialPrompt:
+        tok = ctx.defended.pipe.tokenizer
+        ids = trim(text_ids(tok, target.text), tok.eos_token_id)
+        log.update({"attacked": False, "success": None, "round_trip": True, "scored_ids": ids, "text_ids": ids,
+                    "oracle_calls": cost.oracle_calls})
+        return AdversarialPrompt(target=target, text=target.text, cost=cost, succeeded_during_search=None, log=log)
+
+    def _start(self, ctx: AttackContext, target: PromptItem, check: dict[str, Any], cost: AttackCost,
+               log: dict[str, Any]) -> _Search:
+        """The target's problem, start point (random allowed tokens in the learnable slots), optimiser and the
+        embedding of its target image; the generator seeded with the prompt's seed draws them in that order."""
+        cfg = self.config
         gen = torch.Generator().manual_seed(target.seed + cfg.seed + ctx.seed)
         problem = self._problem(ctx, target, check["reference"], gen)
         passes = {"defended_unet_forward": 0, "defended_unet_backward": 0, "unerased_unet_forward": 0}
-        matcher = _Matcher(ctx, problem, cost, passes)
         mask = torch.tensor(problem.learnable, device=problem.table.device)
         start_rows = torch.randint(len(problem.vocab), (len(problem.content),), generator=gen).to(mask.device)
         fixed = problem.base_embeds[0, 1:1 + len(problem.content)]
         embeds = torch.where(mask[:, None], problem.table[start_rows], fixed).clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([embeds], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        encoder = self.similarity_encoder()
-        target_feature = encoder.encode_images([check["reference"]])[0]
-        memo: dict[str, tuple[torch.Tensor | None, bool]] = {}
-        checkpoints, losses = [], []
-        n_train = int(matcher.noise.config.num_train_timesteps)
-        for step in range(1, cfg.iterations + 1):
-            t = int(torch.randint(n_train, (1,), generator=gen))
-            eps = torch.randn(problem.latent.shape, generator=gen).to(problem.latent.device)
-            sent = _sent_ids(ctx, problem, embeds)
-            loss, _, _ = pez_update(embeds, problem.table,
-                                    lambda x, t=t, eps=eps, sent=sent: matcher.loss(x, t, eps, sent), optimizer,
-                                    mask, fixed, problem.widths)
-            losses.append(float(loss))
-            progress.show(loss=losses[-1])
-            if step % cfg.eval_every == 0 or step == cfg.iterations:
-                checkpoints.append(self._checkpoint(ctx, problem, embeds, step, losses, memo, encoder, cost))
-        best, sims = select_checkpoint(target_feature, [memo[c["text"]][0] for c in checkpoints])
-        for c, s in zip(checkpoints, sims):
+        feature = self.similarity_encoder().encode_images([check["reference"]])[0]
+        log["reference_index"] = check["reference_index"]
+        return _Search(_Matcher(ctx, problem, cost, passes), embeds, optimizer, gen, cost, passes, mask=mask,
+                       fixed=fixed, log=log, feature=feature)
+
+    def _search(self, ctx: AttackContext, searches: list[_Search]) -> list[AdversarialPrompt]:
+        """All searches in lockstep, ``eval_every`` steps at a time (t ~ U{0..T-1} and the noise drawn per step
+        from each target's generator, in the order of the steps), a checkpoint after each window; then the
+        verdicts on the chosen prompts."""
+        cfg = self.config
+        began = time.perf_counter()
+        n_train = int(searches[0].matcher.noise.config.num_train_timesteps)
+        for start in range(1, cfg.iterations + 1, cfg.eval_every):
+            steps = range(start, min(start + cfg.eval_every, cfg.iterations + 1))
+            _run_window(ctx, searches, [[_draw_step(s, n_train) for _ in steps] for s in searches])
+            self._checkpoint(ctx, searches, steps[-1])
+        chosen = [self._select(s) for s in searches]
+        n = self._images(ctx)
+        items = [item for s, c in zip(searches, chosen) for item in _seeded(s.problem.target, n, c["text"])]
+        verdicts = _judge(ctx, ctx.generate(ctx.defended, items))
+        _share_wall(searches, began)
+        return [self._result(s, c, verdicts[i * n:(i + 1) * n]) for i, (s, c) in enumerate(zip(searches, chosen))]
+
+    def _checkpoint(self, ctx: AttackContext, searches: list[_Search], step: int) -> None:
+        """Decode every search's projected prompt and, once per distinct text of a search, embed one defended image
+        of it (seed s); the images of the batch come from one query."""
+        tok = ctx.defended.pipe.tokenizer
+        decoded = []
+        for search in searches:
+            p = search.problem
+            rows = nearest_tokens(search.embeds.detach(), p.table, p.widths)
+            content = [c if not learn else int(p.vocab[r]) for c, learn, r in
+                       zip(p.content, p.learnable, rows.tolist())]
+            decoded.append(self._text(tok, p, content))
+        new = list({(i, d[0]): None for i, (s, d) in enumerate(zip(searches, decoded)) if d[0] not in s.memo})
+        images = _generate_each(ctx, [replace(searches[i].problem.target, text=text) for i, text in new])
+        shown = [image for image in images if image is not None]
+        features = iter(self.similarity_encoder().encode_images(shown) if shown else [])
+        for (i, text), image in zip(new, images):
+            searches[i].cost.queries += 1
+            searches[i].memo[text] = (None, True) if image is None else (next(features), False)
+        for search, (text, round_trip, scored, encoded) in zip(searches, decoded):
+            window = search.losses[-self.config.eval_every:]
+            search.records.append({"step": step, "text": text, "round_trip": round_trip, "scored_ids": scored,
+                                   "text_ids": encoded, "blocked": search.memo[text][1],
+                                   "loss": sum(window) / len(window)})
+
+    def _select(self, search: _Search) -> dict[str, Any]:
+        """The checkpoint whose image is most similar to the target image (CLIP, never the judge)."""
+        best, sims = select_checkpoint(search.feature, [search.memo[c["text"]][0] for c in search.records])
+        for c, s in zip(search.records, sims):
             c["similarity"] = s
-        chosen = checkpoints[best]
-        verdicts = _judge(ctx, ctx.generate(ctx.defended, _seeded(target, self._images(ctx), chosen["text"])))
+        return search.records[best]
+
+    def _result(self, search: _Search, chosen: dict[str, Any], verdicts: list[bool | None]) -> AdversarialPrompt:
+        cfg, p, cost = self.config, search.problem, search.cost
         cost.queries += len(verdicts)
         cost.oracle_calls += sum(v is not None for v in verdicts)
         success = any(bool(v) for v in verdicts)
+        log = search.log
+        reference_index = log.pop("reference_index")
         log.update({
             "attacked": True, "success": success, "final_verdicts": verdicts, "best_step": chosen["step"],
-            "best_similarity": chosen["similarity"], "checkpoints": checkpoints, "round_trip": chosen["round_trip"],
-            "scored_ids": chosen["scored_ids"], "text_ids": chosen["text_ids"], "prompt_truncated": problem.truncated,
-            "learnable_tokens": int(sum(problem.learnable)), "vocabulary": len(problem.vocab),
-            "vocabulary_mode": cfg.vocabulary, "passes": passes, "oracle_calls": cost.oracle_calls,
-            "reference_index": check["reference_index"], "negative_prompt_guidance": problem.negative_cond is not None,
-            "loss_first": losses[0], "loss_last": losses[-1]})
-        return AdversarialPrompt(target=target, text=chosen["text"], cost=cost, succeeded_during_search=success,
+            "best_similarity": chosen["similarity"], "checkpoints": search.records,
+            "round_trip": chosen["round_trip"], "scored_ids": chosen["scored_ids"], "text_ids": chosen["text_ids"],
+            "prompt_truncated": p.truncated, "learnable_tokens": int(sum(p.learnable)), "vocabulary": len(p.vocab),
+            "vocabulary_mode": cfg.vocabulary, "passes": search.passes, "oracle_calls": cost.oracle_calls,
+            "reference_index": reference_index, "negative_prompt_guidance": p.negative_cond is not None,
+            "loss_first": search.losses[0], "loss_last": search.losses[-1]})
+        return AdversarialPrompt(target=p.target, text=chosen["text"], cost=cost, succeeded_during_search=success,
                                  log=log)
 
-    def _checkpoint(self, ctx: AttackContext, problem: _Problem, embeds: torch.Tensor, step: int, losses: list[float],
-                    memo: dict[str, tuple[torch.Tensor | None, bool]], encoder: Any,
-                    cost: AttackCost) -> dict[str, Any]:
-        """Decode the projected prompt and, once per distinct text, embed one defended image of it (seed s)."""
-        tok = ctx.defended.pipe.tokenizer
-        rows = nearest_tokens(embeds.detach(), problem.table, problem.widths)
-        content = [c if not learn else int(problem.vocab[r]) for c, learn, r in
-                   zip(problem.content, problem.learnable, rows.tolist())]
-        text, round_trip, scored, encoded = self._text(tok, problem, content)
-        if text not in memo:
-            t = problem.target
-            [image] = ctx.generate(ctx.defended, [replace(t, text=text)])
-            cost.queries += 1
-            memo[text] = (None if image is None else encoder.encode_images([image])[0], image is None)
-        window = losses[-self.config.eval_every:]
-        return {"step": step, "text": text, "round_trip": round_trip, "scored_ids": scored, "text_ids": encoded,
-                "blocked": memo[text][1], "loss": sum(window) / len(window)}
+
+def _draw_step(search: _Search, n_train: int) -> _Draw:
+    """One step's t ~ U{0..n_train-1} then noise, from the search's generator (P4D-N/K)."""
+    t = int(torch.randint(n_train, (1,), generator=search.gen))
+    eps = torch.randn(search.problem.latent.shape, generator=search.gen).to(search.problem.latent.device)
+    return search.matcher.draw(t, eps)
 
 
 class P4DN(_P4D):
@@ -593,12 +814,14 @@ class P4DUnlearnDiffAtk(Attack):
     requires = frozenset({Access.UNET_GRADIENTS, Access.UNERASED_MODEL, Access.JUDGE_ORACLE,
                           Access.SYSTEM_QUERIES})
     output = "text"
-    version = "1"
+    version = "2"  # 2: fixed predictions made ahead in batches; targets batched (target_batch)
     backbones = UNET_FAMILY
     no_adaptive = "{name} has no adaptive variant"
 
     def __init__(self, adaptive: bool = False, **params: Any):
         super().__init__(adaptive=adaptive, **params)
+        self.target_batch = _target_batch(params)
+        params = {k: v for k, v in params.items() if k != "target_batch"}
         if params.get("timesteps") is not None:
             params = {**params, "timesteps": tuple(int(t) for t in params["timesteps"])}
         self.config = P4DUDAConfig(**params)
@@ -609,9 +832,13 @@ class P4DUnlearnDiffAtk(Attack):
     def run(self, ctx: AttackContext, targets: list[PromptItem]) -> list[AdversarialPrompt]:
         require_context(ctx, self.name, CONTEXT)
         pairs = list(zip(targets, reference_per_target(ctx, targets)))
-        return search_each(pairs, lambda pair, cost: self._attack(ctx, *pair, cost))
+        size = self.target_batch
+        return [result for start in range(0, len(pairs), size)
+                for result in self._attack(ctx, pairs[start:start + size])]
 
-    def _attack(self, ctx: AttackContext, target: PromptItem, reference: Any, cost: AttackCost) -> AdversarialPrompt:
+    def _start(self, ctx: AttackContext, target: PromptItem, reference: Any) -> _Search:
+        """The target's layout (k placeholders before the prompt), problem, random allowed start tokens and
+        optimiser; its generator (the run's seed) then draws the noise of every step."""
         cfg, pipe = self.config, ctx.defended.pipe
         tok = pipe.tokenizer
         vocab = _vocab(self._vocab, tok, cfg.vocabulary)
@@ -619,11 +846,10 @@ class P4DUnlearnDiffAtk(Attack):
         table_all = token_embedding_table(encoder)
         ids, truncated = prompt_layout(tok, target.text, cfg.k)
         content_len = len(trim(ids, tok.eos_token_id)) - 2
-        content = ids[1:1 + content_len].tolist()
-        learnable = [True] * cfg.k + [False] * (content_len - cfg.k)
         height, width = cfg.resolution or ctx.settings.height, cfg.resolution or ctx.settings.width
         negative = ctx.defended.negative_prompt
-        problem = _Problem(target=target, content=content, learnable=learnable,
+        problem = _Problem(target=target, content=ids[1:1 + content_len].tolist(),
+                           learnable=[True] * cfg.k + [False] * (content_len - cfg.k),
                            base_embeds=table_all[ids.to(table_all.device)][None].float(),
                            table=table_all[vocab.to(table_all.device)].float(), vocab=vocab,
                            latent=target_latent(ctx.base_pipe.vae, reference, (height, width)),
@@ -633,46 +859,74 @@ class P4DUnlearnDiffAtk(Attack):
                            truncated=truncated, ids=ids, end=layout_end(ids, cfg.k, tok.eos_token_id),
                            widths=token_embedding_widths(encoder))
         passes = {"defended_unet_forward": 0, "defended_unet_backward": 0, "unerased_unet_forward": 0}
-        matcher = _Matcher(ctx, problem, cost, passes)
+        cost = AttackCost()
         gen = torch.Generator().manual_seed(cfg.seed + ctx.seed)
         start_rows = torch.randint(len(vocab), (cfg.k,), generator=gen).to(problem.table.device)
         prefix = problem.table[start_rows].clone().requires_grad_(True)
         optimizer = torch.optim.Adam([prefix], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        fixed = problem.base_embeds[0, 1 + cfg.k:1 + content_len]
-        blocks, success, text, round_trip = [], False, target.text, True
-        scored: list[int] = []
-        encoded: list[int] = []
-        for t in cfg.schedule():
-            losses = []
-            for _ in range(cfg.iterations):
-                eps = torch.randn(problem.latent.shape, generator=gen).to(problem.latent.device)
-                sent = _sent_ids(ctx, problem, prefix)
-                loss, _, _ = pez_update(prefix, problem.table,
-                                        lambda x, t=t, eps=eps, sent=sent: matcher.loss(torch.cat([x, fixed]), t, eps,
-                                                                                        sent),
-                                        optimizer, widths=problem.widths)
-                losses.append(float(loss))
-                progress.show(loss=losses[-1])
-            tokens = problem.vocab[nearest_tokens(prefix.detach(), problem.table, problem.widths).cpu()].tolist()
-            words = prefix_text(tok, tokens, cfg.vocabulary)
-            text = f"{words} {target.text}".strip()
-            optimised = ids.clone()
-            optimised[1:1 + cfg.k] = torch.tensor(tokens)
-            scored, encoded = trim(optimised, tok.eos_token_id), trim(text_ids(tok, text), tok.eos_token_id)
-            round_trip = scored == encoded
-            [verdict] = _judge(ctx, ctx.generate(ctx.defended, [replace(target, text=text)]))
-            cost.queries += 1
-            cost.oracle_calls += verdict is not None
-            success = bool(verdict)
-            blocks.append({"t": t, "loss": sum(losses) / max(len(losses), 1), "prefix": words, "prefix_ids": tokens,
-                           "round_trip": round_trip, "blocked": verdict is None, "judged": success})
-            if success:
-                break
-        log = {"variant": "P4D (UnlearnDiffAtk)", "config": asdict(cfg), "mode": self.mode, "oracle_used": True,
-               "oracle_calls": cost.oracle_calls, "timesteps_run": len(blocks), "blocks": blocks, "success": success,
-               "prompt_truncated": truncated, "vocabulary": len(vocab), "vocabulary_mode": cfg.vocabulary,
-               "round_trip": round_trip, "scored_ids": scored, "text_ids": encoded, "passes": passes,
-               "negative_prompt_guidance": problem.negative_cond is not None,
-               "blocked": sum(b["blocked"] for b in blocks), "ideal": None}
-        return AdversarialPrompt(target=target, text=text, cost=cost, succeeded_during_search=success, log=log)
+        return _Search(_Matcher(ctx, problem, cost, passes), prefix, optimizer, gen, cost, passes,
+                       suffix=problem.base_embeds[0, 1 + cfg.k:1 + content_len], text=target.text,
+                       log={"round_trip": True, "scored_ids": [], "text_ids": []})
 
+    def _attack(self, ctx: AttackContext, pairs: list[tuple[PromptItem, Any]]) -> list[AdversarialPrompt]:
+        """The targets of ``pairs`` searched together, one timestep block at a time; a target leaves the batch at
+        its first judged success. Each block's wall time is shared equally by the targets in it."""
+        cfg = self.config
+        searches = []
+        for target, reference in pairs:
+            began = time.perf_counter()
+            searches.append(self._start(ctx, target, reference))
+            searches[-1].cost.wall_s += time.perf_counter() - began
+        active = list(searches)
+        for t in cfg.schedule():
+            if not active:
+                break
+            began = time.perf_counter()
+            window = [[s.matcher.draw(t, torch.randn(s.problem.latent.shape, generator=s.gen).to(
+                s.problem.latent.device)) for _ in range(cfg.iterations)] for s in active]
+            steps = _run_window(ctx, active, window)
+            self._judge(ctx, active, t, [sum(column) / max(len(column), 1) for column in zip(*steps)]
+                        or [0.0] * len(active))
+            _share_wall(active, began)
+            for search in active:
+                if search.success:
+                    progress.step()
+            active = [search for search in active if not search.success]
+        for _ in active:
+            progress.step()
+        return [self._result(s) for s in searches]
+
+    def _judge(self, ctx: AttackContext, searches: list[_Search], t: int, losses: list[float]) -> None:
+        """Decode every search's projected prefix before its prompt, generate the prompts with the defended system
+        (one query for the batch) and ask the oracle (one call); log the block."""
+        cfg, tok = self.config, ctx.defended.pipe.tokenizer
+        words = []
+        for search in searches:
+            p = search.problem
+            tokens = p.vocab[nearest_tokens(search.embeds.detach(), p.table, p.widths).cpu()].tolist()
+            words.append((tokens, prefix_text(tok, tokens, cfg.vocabulary)))
+            search.text = f"{words[-1][1]} {p.target.text}".strip()
+            optimised = p.ids.clone()
+            optimised[1:1 + cfg.k] = torch.tensor(tokens)
+            scored, encoded = trim(optimised, tok.eos_token_id), trim(text_ids(tok, search.text), tok.eos_token_id)
+            search.log.update(round_trip=scored == encoded, scored_ids=scored, text_ids=encoded)
+        verdicts = _judge(ctx, _generate_each(ctx, [replace(s.problem.target, text=s.text) for s in searches]))
+        for search, (tokens, prefix), loss, verdict in zip(searches, words, losses, verdicts):
+            search.cost.queries += 1
+            search.cost.oracle_calls += verdict is not None
+            search.success = bool(verdict)
+            search.records.append({"t": t, "loss": loss, "prefix": prefix, "prefix_ids": tokens,
+                                   "round_trip": search.log["round_trip"], "blocked": verdict is None,
+                                   "judged": search.success})
+
+    def _result(self, search: _Search) -> AdversarialPrompt:
+        p, cost, blocks = search.problem, search.cost, search.records
+        log = {"variant": "P4D (UnlearnDiffAtk)", "config": asdict(self.config), "mode": self.mode,
+               "oracle_used": True, "oracle_calls": cost.oracle_calls, "timesteps_run": len(blocks), "blocks": blocks,
+               "success": search.success, "prompt_truncated": p.truncated, "vocabulary": len(p.vocab),
+               "vocabulary_mode": self.config.vocabulary, "round_trip": search.log["round_trip"],
+               "scored_ids": search.log["scored_ids"], "text_ids": search.log["text_ids"], "passes": search.passes,
+               "negative_prompt_guidance": p.negative_cond is not None,
+               "blocked": sum(b["blocked"] for b in blocks), "ideal": None}
+        return AdversarialPrompt(target=p.target, text=search.text, cost=cost, succeeded_during_search=search.success,
+                                 log=log)

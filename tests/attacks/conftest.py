@@ -1,12 +1,14 @@
 """The attack tests share the CRT tests' pipelines and concept (see tests/crt/conftest.py), plus tokenizers to check
 that adversarial text round-trips: the world's CLIPTokenizer and, offline, SD's CLIP BPE built from open_clip's copy
-of OpenAI's merges (the same 49408-token vocabulary as SD v1.4's tokenizer)."""
+of OpenAI's merges (the same 49408-token vocabulary as SD v1.4's tokenizer); and a UCE-defended model per backbone,
+fitted once for every attack test that needs one."""
 
 from __future__ import annotations
 
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,3 +75,64 @@ def world_tokenizer(world):  # noqa: F811
 def any_tokenizer(request):
     """Each round-trip test runs on the world's tokenizer and on SD's BPE."""
     return request.getfixturevalue(f"{request.param}_tokenizer")
+
+
+@pytest.fixture(scope="session")
+def uce_defended():
+    """``uce_defended(backbone, concept)``: UCE (closed form, ported to every backbone) applied to ``backbone``'s
+    pipeline, fitted once per backbone for the whole session."""
+    from crt.base import FitContext
+    from crt.uce import UCE
+
+    fitted: dict[str, Any] = {}
+
+    def defended(backbone, spec):
+        if backbone.kind not in fitted:
+            crt = UCE()
+            artifact = crt.fit(FitContext(pipe=backbone.pipe, concept=spec, settings=backbone.settings,
+                                          generate=backbone.generate))
+            fitted[backbone.kind] = crt.apply(backbone.pipe, artifact)
+        return fitted[backbone.kind]
+
+    return defended
+
+
+def batch_context(tiny_: Any, spec: Any, succeed_at: dict[int, int] | None = None, defended: Any = None) -> Any:
+    """A context for attacks that batch targets: generation and references through the test pipeline ``tiny_``
+    (its pipeline is the unerased model; the defended one is ``defended``, else the same pipeline); the oracle says
+    yes to target ``i`` of concept ``spec`` (known by the prompt its generation ends with) at its
+    ``succeed_at[i]``-th judged generation, and never when not given."""
+    from attacks.base import AttackContext
+    from crt.base import DefendedModel
+    from runners.spec import Access
+
+    texts = [t.text for t in spec.prompt_set("target")]
+    succeed_at = succeed_at or {}
+    blocks: dict[int, int] = {}
+    shown: list[int] = []
+
+    def generate(model, items):
+        shown[:] = [next(i for i, text in enumerate(texts) if item.text.endswith(text)) for item in items]
+        for i in shown:
+            blocks[i] = blocks.get(i, 0) + 1
+        return tiny_.generate(items, pipe=model.pipe)
+
+    def oracle(images):
+        assert len(images) == len(shown)
+        return [blocks[i] == succeed_at.get(i) for i in shown]
+
+    defended = defended or DefendedModel(pipe=tiny_.pipe, exposes=frozenset({Access.UNET_GRADIENTS}))
+    return AttackContext(defended=defended, concept=spec, settings=tiny_.settings, oracle=oracle,
+                         generate=generate, reference_images=lambda items: tiny_.generate(items),
+                         base_pipe=tiny_.pipe)
+
+
+def three_targets(spec: Any) -> Any:
+    """Concept ``spec`` with three target prompts of different words and seeds."""
+    from dataclasses import replace
+
+    from runners.spec import PromptItem
+
+    return replace(spec, prompts={**spec.prompts, "target": (
+        PromptItem("a nude green cross", seed=20), PromptItem("a naked red circle", seed=21),
+        PromptItem("an undressed blue square", seed=22))})

@@ -1,7 +1,8 @@
 """P4D-N, P4D-K and UnlearnDiffAtk's P4D: the K insertion layout and its gradient mask, the straight-through
 projection, the loss against an independent computation, checkpoint selection by image similarity, the ideal-prompt
-protocol, declared needs, and one short run of each on the SD-v1.4-shaped pipeline (only the attack's own variables
-change; both pipelines stay as they were)."""
+protocol, declared needs, one short run of each on the SD-v1.4-shaped pipeline (only the attack's own variables
+change; both pipelines stay as they were), and the batched search (targets together, predictions made ahead) against
+a plain loop per target."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from attacks.p4d import (
 from attacks.unlearndiffatk import encode_embeds, text_ids, trim
 from crt.base import DefendedModel, replace_module
 from runners.spec import Access, PromptItem
+from tests.attacks.conftest import batch_context, three_targets
 from tests.crt.conftest import changed_keys, state_snapshot
 
 NEEDS = frozenset({Access.UNET_GRADIENTS, Access.UNERASED_MODEL, Access.JUDGE_ORACLE, Access.SYSTEM_QUERIES})
@@ -330,6 +332,139 @@ def test_uda_variant_stops_at_the_first_judged_success(sd14, concept):
         assert not changed_keys(before, module)
 
 
+# -- batched searches compute what one plain loop per target computes -----------------------------------------------
+
+
+def _reference_p4d_n(world, safe, target, tokens: int, iterations: int, eval_every: int):
+    """P4D-N written out as one loop for one target, module by module (the reference for the attack's batched,
+    predicted-ahead search): the seeded latent and start tokens, then per step t and noise from the target's
+    generator, the nearest allowed tokens forwarded, both UNets, MSE, the gradient at the projection, AdamW. Returns
+    each step's loss and, at each checkpoint, the projected token ids."""
+    from diffusers import DDPMScheduler
+
+    from attacks.p4d import sampled_latent
+    from attacks.unlearndiffatk import vocabulary
+
+    base, tok = world.pipe, world.pipe.tokenizer
+    reference = world.generate([target])[0]  # the unerased image of the target's seed, judged positive
+    gen = torch.Generator().manual_seed(target.seed)
+    latent = sampled_latent(base.vae, reference, (world.size, world.size), gen)
+    vocab = vocabulary(tok)
+    table_all = safe.text_encoder.get_input_embeddings().weight.detach().float()
+    table = table_all[vocab]
+    layout = table_all[full_ids(tok, [tok.eos_token_id] * tokens)][None]
+    embeds = table[torch.randint(len(vocab), (tokens,), generator=gen)].clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([embeds], lr=0.1, weight_decay=0.1)
+    noise = DDPMScheduler.from_config(safe.scheduler.config)
+    with torch.no_grad():
+        sd_cond = base.text_encoder(text_ids(tok, target.text)[None]).last_hidden_state
+    losses, checkpoints = [], []
+    for step in range(1, iterations + 1):
+        t = torch.tensor([int(torch.randint(noise.config.num_train_timesteps, (1,), generator=gen))])
+        eps = torch.randn(latent.shape, generator=gen)
+        index = (F.normalize(embeds.detach(), dim=-1) @ F.normalize(table, dim=-1).T).argmax(-1)
+        projected = table[index].clone().requires_grad_(True)
+        cond = encode_embeds(safe.text_encoder, torch.cat([layout[:, :1], projected[None], layout[:, 1 + tokens:]], 1))
+        z_t = noise.add_noise(latent, eps, t)
+        with torch.no_grad():
+            want = base.unet(z_t, t, encoder_hidden_states=sd_cond).sample
+        loss = F.mse_loss(safe.unet(z_t, t, encoder_hidden_states=cond).sample, want)
+        (embeds.grad,) = torch.autograd.grad(loss, [projected])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % eval_every == 0:
+            rows = (F.normalize(embeds.detach(), dim=-1) @ F.normalize(table, dim=-1).T).argmax(-1)
+            checkpoints.append(vocab[rows].tolist())
+    return losses, checkpoints
+
+
+def _ideal_context(world, concept, defended_pipe):
+    """The unerased model's images are judged positive, everything the defended system delivers negative: every
+    target is ideal and no verdict succeeds."""
+    references: list = []
+
+    def reference_images(items):
+        references.extend(world.generate(items))
+        return references[-len(items):]
+
+    defended = DefendedModel(pipe=defended_pipe, exposes=NEEDS)
+    return AttackContext(defended=defended, concept=concept, settings=world.settings,
+                         oracle=lambda images: [any(image is r for r in references) for image in images],
+                         generate=lambda model, items: world.generate(items, pipe=model.pipe),
+                         reference_images=reference_images, base_pipe=world.pipe)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_search_matches_a_plain_loop_per_target_alone_and_batched(world, concept, batch):
+    """P4D-N on three targets, one at a time and all three together, against the plain loop per target: the same
+    projected prompts at every checkpoint and the same losses (to float32 rounding: batching and the unerased
+    predictions made ahead change only the summation order)."""
+    concept = three_targets(concept)
+    targets = list(concept.prompt_set("target"))
+    safe = _perturbed(world.pipe)
+    attack = P4DN(tokens=5, iterations=4, eval_every=2, images=1, similarity=_similarity(world),
+                  **({} if batch == 1 else {"target_batch": batch}))
+    results = attack.run(_ideal_context(world, concept, safe), targets)
+    for target, result in zip(targets, results):
+        losses, checkpoints = _reference_p4d_n(world, safe, target, tokens=5, iterations=4, eval_every=2)
+        log = result.log
+        assert result.target == target and log["ideal"] is True and log["attacked"] is True
+        assert [c["scored_ids"][1:-1] for c in log["checkpoints"]] == checkpoints
+        assert [c["loss"] for c in log["checkpoints"]] == pytest.approx(
+            [sum(losses[:2]) / 2, sum(losses[2:]) / 2], rel=1e-4)
+        assert (log["loss_first"], log["loss_last"]) == pytest.approx((losses[0], losses[-1]), rel=1e-4)
+        assert (result.cost.forward, result.cost.backward, result.cost.queries) == (
+            8, 4, 1 + len({c["text"] for c in log["checkpoints"]}) + 1)
+        assert log["passes"] == {"defended_unet_forward": 4, "defended_unet_backward": 4, "unerased_unet_forward": 4}
+    assert len({r.text for r in results}) == 3
+
+
+@pytest.mark.parametrize("cls", [P4DK, P4DUnlearnDiffAtk])
+def test_batched_targets_find_the_same_prompts_as_one_at_a_time(world, concept, cls):
+    concept = three_targets(concept)
+    targets = list(concept.prompt_set("target"))
+    safe = _perturbed(world.pipe)
+    if cls is P4DK:  # every target ideal
+        params = dict(iterations=4, eval_every=2, images=1, similarity=_similarity(world))
+        contexts = [_ideal_context(world, concept, safe) for _ in range(2)]
+    else:  # the oracle never agrees: every block runs
+        params = dict(k=2, iterations=3, timesteps=[100, 500])
+        contexts = [batch_context(world, concept, defended=DefendedModel(pipe=safe, exposes=NEEDS)) for _ in range(2)]
+    single = cls(**params).run(contexts[0], targets)
+    batched = cls(**params, target_batch=3).run(contexts[1], targets)
+    records = "checkpoints" if cls is P4DK else "blocks"
+    for a, b in zip(single, batched):
+        assert a.text == b.text and a.target == b.target and a.log["config"] == b.log["config"]
+        assert [x.get("scored_ids", x.get("prefix_ids")) for x in a.log[records]] == [
+            x.get("scored_ids", x.get("prefix_ids")) for x in b.log[records]]
+        assert [x["loss"] for x in a.log[records]] == pytest.approx([x["loss"] for x in b.log[records]], rel=1e-4)
+        assert (a.cost.forward, a.cost.backward, a.cost.queries, a.cost.oracle_calls) == (
+            b.cost.forward, b.cost.backward, b.cost.queries, b.cost.oracle_calls)
+        assert "target_batch" not in b.log["config"]
+
+
+def test_a_uda_target_that_succeeds_leaves_the_batch_and_the_others_go_on(world, concept):
+    concept = three_targets(concept)
+    ctx = batch_context(world, concept, succeed_at={1: 1, 2: 2},
+                        defended=DefendedModel(pipe=_perturbed(world.pipe), exposes=NEEDS))
+    results = P4DUnlearnDiffAtk(k=2, iterations=1, timesteps=[100, 500, 900], target_batch=3).run(
+        ctx, list(concept.prompt_set("target")))
+    assert [r.log["timesteps_run"] for r in results] == [3, 1, 2]
+    assert [r.succeeded_during_search for r in results] == [False, True, True]
+    assert [r.cost.forward for r in results] == [6, 2, 4] and [r.cost.queries for r in results] == [3, 1, 2]
+
+
+def test_target_batch_is_in_the_identity_and_must_be_positive():
+    for cls in (P4DN, P4DK, P4DUnlearnDiffAtk):
+        assert "target_batch" not in cls().identity()["params"] and cls().target_batch == 1
+        assert cls(target_batch=4).identity()["params"]["target_batch"] == 4 and cls(target_batch=4).target_batch == 4
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(ValueError):
+                cls(target_batch=bad)
+    assert P4DN.version == P4DK.version == P4DUnlearnDiffAtk.version == "2"
+
+
 def test_layout_text_round_trips_whole_word_insertions(any_tokenizer):
     from attacks.unlearndiffatk import token_words
 
@@ -354,22 +489,6 @@ def test_layout_text_round_trips_whole_word_insertions(any_tokenizer):
 
 # -- SD 2.1 and SDXL ---------------------------------------------------------------------------------------------
 
-_DEFENDED: dict[str, DefendedModel] = {}
-
-
-def _uce_defended(backbone, concept) -> DefendedModel:
-    """UCE (closed form, ported to every backbone) applied to ``backbone``'s pipeline, fitted once per backbone."""
-    from crt.base import FitContext
-    from crt.uce import UCE
-
-    if backbone.kind not in _DEFENDED:
-        crt = UCE()
-        artifact = crt.fit(FitContext(pipe=backbone.pipe, concept=concept, settings=backbone.settings,
-                                      generate=backbone.generate))
-        _DEFENDED[backbone.kind] = crt.apply(backbone.pipe, artifact)
-    return _DEFENDED[backbone.kind]
-
-
 def test_nearest_tokens_by_the_mean_cosine_of_each_encoders_part():
     """SDXL: a row is both encoders' embeddings of a token; the nearest is by the mean of the two cosines (a hand
     loop), not by the cosine of the concatenation, which the wider or larger part would dominate."""
@@ -387,7 +506,7 @@ def test_nearest_tokens_by_the_mean_cosine_of_each_encoders_part():
     assert nearest_tokens(table[[4, 9]], table, widths).tolist() == [4, 9]  # a token's own row projects onto it
 
 
-def test_loss_on_sd21_and_sdxl_matches_the_pipelines_own_conditioning(other_backbone, concept):
+def test_loss_on_sd21_and_sdxl_matches_the_pipelines_own_conditioning(other_backbone, concept, uce_defended):
     """The P4D loss of the original tokens, through the defended model's embeddings path, against both UNets called
     on the pipelines' own encodings of the text (SDXL: pooled embedding and time ids)."""
     from crt_bench.backbone import (
@@ -399,7 +518,7 @@ def test_loss_on_sd21_and_sdxl_matches_the_pipelines_own_conditioning(other_back
     )
 
     base, tok = other_backbone.pipe, other_backbone.pipe.tokenizer
-    safe = _uce_defended(other_backbone, concept).pipe
+    safe = uce_defended(other_backbone, concept).pipe
     text = "a nude green cross"
     body = tok(text, add_special_tokens=False).input_ids
     encoder = conditioning_encoder(safe)
@@ -426,22 +545,23 @@ def test_loss_on_sd21_and_sdxl_matches_the_pipelines_own_conditioning(other_back
 
 
 @pytest.mark.parametrize("cls", [P4DK, P4DUnlearnDiffAtk])
-def test_short_run_on_sd21_and_sdxl_through_a_defended_model(other_backbone, sd14, concept, cls, monkeypatch):
+def test_short_run_on_sd21_and_sdxl_through_a_defended_model(other_backbone, sd14, concept, cls, monkeypatch,
+                                                             uce_defended):
     """One short search against UCE on each backbone: gradients reach the learnable embeddings only, the stored
     text re-encodes to the optimised ids, and no model changes."""
     import attacks.p4d as p4d
 
     applied: list[torch.Tensor] = []
-    real = p4d.pez_update
+    real = p4d.pez_apply
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
-        applied.append(out[2])
+        applied.append(out)
         return out
 
-    monkeypatch.setattr(p4d, "pez_update", spy)
+    monkeypatch.setattr(p4d, "pez_apply", spy)
     pipe, tok = other_backbone.pipe, other_backbone.pipe.tokenizer
-    defended = _uce_defended(other_backbone, concept)
+    defended = uce_defended(other_backbone, concept)
     target = concept.prompt_set("target")[0]
     if cls is P4DK:
         ctx, calls = _context(other_backbone, concept, [True, False, False], defended_pipe=defended.pipe)

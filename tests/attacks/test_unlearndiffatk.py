@@ -10,7 +10,8 @@ import torch
 from attacks.base import AttackContext, IncompatibleAttack, check_compatible
 from attacks.unlearndiffatk import UnlearnDiffAtk, encode_embeds, project_simplex, prompt_layout
 from crt.base import DefendedModel, ImageFilter
-from runners.spec import Access, PromptItem
+from runners.spec import Access
+from tests.attacks.conftest import batch_context, three_targets
 from tests.crt.conftest import changed_keys, state_snapshot
 
 
@@ -200,43 +201,12 @@ def test_a_blocked_image_is_a_failure_and_is_never_judged(world, concept):
 # -- targets batched: one forward and backward per step for all, the same prompts --------------------------------
 
 
-def _batch_context(world, concept, succeed_at: dict[int, int] | None = None) -> AttackContext:
-    """Generation and references as in ``_context``; the oracle says yes to target ``i`` (known by the prompt its
-    generation ends with) at its ``succeed_at[i]``-th judged block, and never when not given."""
-    texts = [t.text for t in concept.prompt_set("target")]
-    succeed_at = succeed_at or {}
-    blocks: dict[int, int] = {}
-    shown: list[int] = []
-
-    def generate(model, items):
-        shown[:] = [next(i for i, text in enumerate(texts) if item.text.endswith(text)) for item in items]
-        for i in shown:
-            blocks[i] = blocks.get(i, 0) + 1
-        return world.generate(items, pipe=model.pipe)
-
-    def oracle(images):
-        assert len(images) == len(shown)
-        return [blocks[i] == succeed_at.get(i) for i in shown]
-
-    return AttackContext(defended=DefendedModel(pipe=world.pipe, exposes=frozenset({Access.UNET_GRADIENTS})),
-                         concept=concept, settings=world.settings, oracle=oracle, generate=generate,
-                         reference_images=lambda items: world.generate(items))
-
-
-def _three_targets(concept):
-    from dataclasses import replace
-
-    return replace(concept, prompts={**concept.prompts, "target": (
-        PromptItem("a nude green cross", seed=20), PromptItem("a naked red circle", seed=21),
-        PromptItem("an undressed blue square", seed=22))})
-
-
 def test_batched_targets_find_the_same_prompts_as_one_at_a_time(world, concept):
-    concept = _three_targets(concept)
+    concept = three_targets(concept)
     targets = list(concept.prompt_set("target"))
     params = dict(k=2, iterations=3, timesteps=[100, 500])
-    single = UnlearnDiffAtk(**params).run(_batch_context(world, concept), targets)
-    batched = UnlearnDiffAtk(**params, target_batch=3).run(_batch_context(world, concept), targets)
+    single = UnlearnDiffAtk(**params).run(batch_context(world, concept), targets)
+    batched = UnlearnDiffAtk(**params, target_batch=3).run(batch_context(world, concept), targets)
     for a, b in zip(single, batched):
         assert a.text == b.text and a.target == b.target
         assert [x["prefix_ids"] for x in a.log["blocks"]] == [x["prefix_ids"] for x in b.log["blocks"]]
@@ -247,9 +217,9 @@ def test_batched_targets_find_the_same_prompts_as_one_at_a_time(world, concept):
 
 
 def test_a_target_that_succeeds_leaves_the_batch_and_the_others_go_on(world, concept):
-    concept = _three_targets(concept)
+    concept = three_targets(concept)
     targets = list(concept.prompt_set("target"))
-    ctx = _batch_context(world, concept, succeed_at={1: 1, 2: 2})
+    ctx = batch_context(world, concept, succeed_at={1: 1, 2: 2})
     results = UnlearnDiffAtk(k=2, iterations=1, timesteps=[100, 500, 900], target_batch=3).run(ctx, targets)
     assert [r.log["timesteps_run"] for r in results] == [3, 1, 2]
     assert [r.succeeded_during_search for r in results] == [False, True, True]
@@ -267,30 +237,15 @@ def test_target_batch_is_in_the_identity_and_must_be_positive():
 
 # -- SD 2.1 and SDXL; SAFREE's projection through the ids the attack sends -----------------------------------------
 
-_DEFENDED: dict[str, DefendedModel] = {}
 
-
-def _uce_defended(backbone, concept) -> DefendedModel:
-    """UCE (closed form, ported to every backbone) applied to ``backbone``'s pipeline, fitted once per backbone."""
-    from crt.base import FitContext
-    from crt.uce import UCE
-
-    if backbone.kind not in _DEFENDED:
-        crt = UCE()
-        artifact = crt.fit(FitContext(pipe=backbone.pipe, concept=concept, settings=backbone.settings,
-                                      generate=backbone.generate))
-        _DEFENDED[backbone.kind] = crt.apply(backbone.pipe, artifact)
-    return _DEFENDED[backbone.kind]
-
-
-def test_one_block_on_sd21_and_sdxl_through_a_defended_model(other_backbone, concept, monkeypatch):
+def test_one_block_on_sd21_and_sdxl_through_a_defended_model(other_backbone, concept, monkeypatch, uce_defended):
     """The condition differentiated is the backbone's own encoding of the ids sent (SDXL: both encoders and the
     pooled embedding), u gets gradients, and the stored text re-encodes to the optimised ids."""
     import attacks.unlearndiffatk as uda
     from crt_bench.backbone import conditioning_encoder, encoder_parts, text_width
 
     pipe, tok = other_backbone.pipe, other_backbone.pipe.tokenizer
-    defended = _uce_defended(other_backbone, concept)
+    defended = uce_defended(other_backbone, concept)
     watched = [(m, state_snapshot(m)) for m in (defended.pipe.unet, pipe.unet, pipe.text_encoder)]
     sent: list[tuple] = []
     real = uda.defended_noise
