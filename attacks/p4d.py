@@ -142,6 +142,21 @@ def projected_rows(embeds: torch.Tensor, table: torch.Tensor, widths: tuple[int,
     return index, table[index].detach().clone().requires_grad_(True)
 
 
+def forward_rows(embeds: torch.Tensor, problem: _Problem, mask: torch.Tensor | None = None,
+                 fixed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A search's forward input as a fresh leaf: the nearest allowed token in every learnable slot (PEZ), the original
+    token's own embedding in every other slot (P4D-K), so that an original token outside the allowed vocabulary is
+    not swapped for its nearest allowed one. Returns (the token ids sent, that leaf)."""
+    index, leaf = projected_rows(embeds, problem.table, problem.widths)
+    ids = problem.vocab[index.cpu()]
+    if mask is None or fixed is None:
+        return ids, leaf
+    keep = mask.to(leaf.device)
+    rows = torch.where(keep[:, None], leaf.detach(), fixed.to(leaf.device, leaf.dtype))
+    original = torch.tensor(problem.content[:len(ids)], dtype=ids.dtype)
+    return torch.where(keep.cpu(), ids, original), rows.clone().requires_grad_(True)
+
+
 def straight_through(embeds: torch.Tensor, table: torch.Tensor, loss_fn: Any,
                      mask: torch.Tensor | None = None, widths: tuple[int, ...] = ()
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -512,10 +527,10 @@ def _target_batch(params: dict[str, Any]) -> int:
 def _pez_step(ctx: AttackContext, searches: list[_Search], draws: list[_Draw]) -> list[float]:
     """One PEZ step of every search: one batched loss (:func:`_losses`) and one backward for all, then each search
     applies its own gradient with its own optimiser (the losses are independent, so each gradient is its own)."""
-    projected = [projected_rows(s.embeds, s.problem.table, s.problem.widths) for s in searches]
+    projected = [forward_rows(s.embeds, s.problem, s.mask, s.fixed) for s in searches]
     contents = [x if s.suffix is None else torch.cat([x, s.suffix]) for s, (_, x) in zip(searches, projected)]
     reads_ids = ctx.defended.guidance is not None  # a sampling-loop defence may read the ids sent
-    ids = [s.problem.vocab[index.cpu()] if reads_ids else None for s, (index, _) in zip(searches, projected)]
+    ids = [sent if reads_ids else None for sent, _ in projected]
     losses = _losses(ctx, [s.matcher for s in searches], contents, draws, ids)
     grads = torch.autograd.grad(torch.stack(losses).sum(), [x for _, x in projected])
     for search, grad in zip(searches, grads):

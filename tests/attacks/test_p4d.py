@@ -21,6 +21,7 @@ from attacks.p4d import (
     _Matcher,
     _Problem,
     fitting_body,
+    forward_rows,
     full_ids,
     insertion_layout,
     layout_text,
@@ -624,3 +625,21 @@ def test_uda_variant_sends_safree_the_ids_of_its_projected_prefix(world, concept
             torch.testing.assert_close(cond, world.pipe.text_encoder(ids).last_hidden_state, rtol=1e-4, atol=1e-4)
         assert not state.soft_prompt and state.projected.tolist() == [True]
     assert trim(seen[2][0][0], tok.eos_token_id) == result.log["scored_ids"]  # what was judged was projected too
+
+
+def test_p4d_k_forward_keeps_an_original_token_outside_the_allowed_vocabulary():
+    """P4D-K's original slots are fixed: the forward must see the original token even when the allowed vocabulary
+    (round_trip) lacks it, not its nearest allowed token (which the projection of every row would send)."""
+    from types import SimpleNamespace
+
+    e = {10: [1.0, 0.0, 0.0], 11: [0.0, 1.0, 0.0], 12: [0.0, 0.0, 1.0], 99: [0.1, 0.9, 0.0]}
+    problem = SimpleNamespace(table=torch.tensor([e[10], e[11], e[12]]), vocab=torch.tensor([10, 11, 12]),
+                              widths=(), content=[49407, 99, 12])
+    mask = torch.tensor([True, False, False])
+    fixed = torch.tensor([[0.0, 0.0, 0.0], e[99], e[12]])
+    embeds = torch.tensor([[0.9, 0.2, 0.1], e[99], e[12]], requires_grad=True)
+    ids, rows = forward_rows(embeds, problem, mask, fixed)
+    assert ids.tolist() == [10, 99, 12]
+    assert torch.equal(rows, torch.tensor([e[10], e[99], e[12]])) and rows.requires_grad and rows.is_leaf
+    ids_all, rows_all = forward_rows(embeds, problem)  # P4D-N: every row learns and is projected
+    assert ids_all.tolist() == [10, 11, 12] and torch.equal(rows_all, problem.table)
