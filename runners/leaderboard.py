@@ -255,7 +255,6 @@ def render(runs: list[dict[str, Any]], skipped_old: int = 0) -> tuple[str, str]:
     if not tables:
         lines.append("No results yet: `make run` adds the first row.")
     lines += overall_markdown(tables)
-    lines += attack_cost_markdown(runs)
     for (model, concept), (columns, rows) in sorted(tables.items()):
         directions = {c: _direction(c, rows) for c in columns}
         lines += [f"## model: {model}, concept: {concept}", "",
@@ -266,7 +265,28 @@ def render(runs: list[dict[str, Any]], skipped_old: int = 0) -> tuple[str, str]:
         lines += ["", "Intervals: " + "; ".join(f"{c.title()}: {_methods(c, rows)}"
                                                 for c in columns), ""]
         lines += _pair_warning(runs, model, concept)
+    lines += coverage_markdown(runs) + attack_cost_markdown(runs)
     return "\n".join(lines), long_csv(runs)
+
+
+def coverage_markdown(runs: list[dict[str, Any]]) -> list[str]:
+    """Per model, how much of the grid each attack label covers: the CRTs, concepts and (CRT, concept) runs it has,
+    so that a column with few runs (and the worst case over attacks, which covers only what ran) is read as such."""
+    cells: dict[str, dict[str, set[tuple[str, str]]]] = {}
+    for model, concept, crt, label in latest(runs):
+        cells.setdefault(model, {}).setdefault(label, set()).add((crt, concept))
+    lines: list[str] = []
+    for model, by_label in sorted(cells.items()):
+        crts = {crt for pairs in by_label.values() for crt, _ in pairs}
+        concepts = {concept for pairs in by_label.values() for _, concept in pairs}
+        lines += [f"## Coverage, model: {model}", "",
+                  f"Runs committed per attack out of the {len(crts)} CRTs x {len(concepts)} concepts that have any "
+                  "run; `make leaderboard` runs what is missing.", "",
+                  "| attack | CRTs | concepts | runs |", "|---|---|---|---|"]
+        for label, pairs in sorted(by_label.items(), key=lambda kv: (kv[0] != "none", kv[0])):
+            lines.append(f"| {label} | {len({c for c, _ in pairs})} | {len({k for _, k in pairs})} | {len(pairs)} |")
+        lines.append("")
+    return lines
 
 
 COST_FIELDS = (("wall_s_per_target", "wall s"), ("forward_per_target", "forward passes"),

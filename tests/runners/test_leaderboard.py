@@ -133,7 +133,7 @@ def test_ringabell_on_its_own_target_set_reports_its_own_asr():
 
 def test_the_undefended_row_comes_first():
     markdown, _ = render([_run("esd_x", "none"), _run("none", "none"), _run("apple", "none")])
-    overall_part, concept_part = markdown.split("## model: ")
+    overall_part, concept_part = markdown.split("## Coverage")[0].split("## model: ")
     for part in (overall_part, concept_part):
         rows = [line.split(" | ")[0] for line in part.splitlines() if line.startswith("| ") and "CRT" not in line]
         assert rows == ["| none", "| apple", "| esd_x"]
@@ -280,7 +280,7 @@ def test_attack_cost_is_the_median_and_range_per_attack_over_its_newest_runs():
             _with_cost(_run("uce", "cce", "white-box"), 0.0, 0.0, 0.0, targets=0),  # attacked nothing: left out
             _with_cost(_run("esd_x", "none"), 0.0, 0.0, 0.0)]
     markdown, _ = render(runs)
-    section = markdown.split("## Attack cost per target, model: mini")[1].split("## model: ")[0]
+    section = markdown.split("## Attack cost per target, model: mini")[1]
     lines = [line for line in section.splitlines() if line.startswith("| ")]
     assert lines[0] == "| attack | runs | wall s | forward passes | backward passes | queries | oracle calls |"
     assert lines[1] == ("| cce-white-box | 1 | 1.50 [1.50-1.50] | 26.00 [26.00-26.00] | 13.00 [13.00-13.00] "
@@ -288,3 +288,14 @@ def test_attack_cost_is_the_median_and_range_per_attack_over_its_newest_runs():
     assert lines[2] == ("| pez | 3 | 2.50 [1.00-3.00] | 100.00 [80.00-100.00] | 50.00 [40.00-50.00] "
                         "| 0.00 [0.00-0.00] | 0.00 [0.00-0.00] |")
     assert len(lines) == 3
+
+
+def test_coverage_counts_the_crts_concepts_and_runs_of_each_attack():
+    runs = [_run("esd_x", "none"), _run("uce", "none"), _run("uce", "none", concept="world_bobo"),
+            _run("esd_x", "pez"), _run("esd_x", "pez", created="2027-01-01T00:00:00"),  # the same cell twice
+            _run("uce", "pez", concept="world_bobo"), _run("esd_x", "cce", "white-box")]
+    markdown, _ = render(runs)
+    section = markdown.split("## Coverage, model: mini")[1].split("## ")[0]
+    assert "out of the 2 CRTs x 2 concepts" in section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| attack")]
+    assert rows == ["| none | 2 | 2 | 3 |", "| cce-white-box | 1 | 1 | 1 |", "| pez | 2 | 2 | 2 |"]
