@@ -44,6 +44,7 @@ Mode = Literal["transfer", "white-box", "adaptive"]
 MODES: tuple[str, ...] = ("transfer", "white-box", "adaptive")
 DEFAULT_TARGET_SET = "unacceptable"
 Target = TypeVar("Target")
+Search = TypeVar("Search")  # a batched search with ``success`` and ``cost``
 
 
 @dataclass
@@ -162,6 +163,25 @@ def search_each(targets: Sequence[Target], search: Callable[[Target, AttackCost]
             results.append(search(target, cost))
         progress.step()
     return results
+
+
+def share_wall_time(costs: Sequence[AttackCost], began: float) -> None:
+    """The wall time since ``began``, spent on a batch of targets searched together, shared equally by their costs."""
+    elapsed = time.perf_counter() - began
+    for cost in costs:
+        cost.wall_s += elapsed / len(costs)
+
+
+def retire_successes(searches: Sequence[Search]) -> list[Search]:
+    """After a judged block of a batched search with early stop: one progress step per search that succeeded, and
+    the searches that go on (each has ``success``)."""
+    going_on = []
+    for search in searches:
+        if search.success:
+            progress.step()
+        else:
+            going_on.append(search)
+    return going_on
 
 
 def reference_per_target(ctx: AttackContext, targets: Sequence[PromptItem]) -> list[Any]:

@@ -77,6 +77,8 @@ from attacks.base import (
     defended_unet_calls,
     reference_per_target,
     require_context,
+    retire_successes,
+    share_wall_time,
 )
 from attacks.tokens import trim
 from attacks.unlearndiffatk import (
@@ -561,13 +563,6 @@ def _generate_each(ctx: AttackContext, items: list[PromptItem]) -> list[Any]:
     return [images[i * per] for i in range(len(items))]
 
 
-def _share_wall(searches: list[_Search], began: float) -> None:
-    """The wall time since ``began``, spent on the batch together, shared equally by its searches."""
-    elapsed = time.perf_counter() - began
-    for search in searches:
-        search.cost.wall_s += elapsed / len(searches)
-
-
 class _P4D(Attack):
     """P4D-N and P4D-K; subclasses define the layout."""
 
@@ -735,7 +730,7 @@ class _P4D(Attack):
         n = self._images(ctx)
         items = [item for s, c in zip(searches, chosen) for item in _seeded(s.problem.target, n, c["text"])]
         verdicts = _judge(ctx, ctx.generate(ctx.defended, items))
-        _share_wall(searches, began)
+        share_wall_time([search.cost for search in searches], began)
         return [self._result(s, c, verdicts[i * n:(i + 1) * n]) for i, (s, c) in enumerate(zip(searches, chosen))]
 
     def _checkpoint(self, ctx: AttackContext, searches: list[_Search], step: int) -> None:
@@ -902,11 +897,8 @@ class P4DUnlearnDiffAtk(Attack):
             steps = _run_window(ctx, active, window)
             self._judge(ctx, active, t, [sum(column) / max(len(column), 1) for column in zip(*steps)]
                         or [0.0] * len(active))
-            _share_wall(active, began)
-            for search in active:
-                if search.success:
-                    progress.step()
-            active = [search for search in active if not search.success]
+            share_wall_time([search.cost for search in active], began)
+            active = retire_successes(active)
         for _ in active:
             progress.step()
         return [self._result(s) for s in searches]

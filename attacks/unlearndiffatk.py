@@ -54,6 +54,8 @@ from attacks.base import (
     prediction_target,
     reference_per_target,
     require_context,
+    retire_successes,
+    share_wall_time,
 )
 from attacks.tokens import tokenize, trim
 from attacks.tokens import vocabulary as special_free_vocabulary
@@ -305,12 +307,8 @@ class UnlearnDiffAtk(Attack):
             means = [sum(column) / max(len(column), 1) for column in zip(*losses)] or [0.0] * len(active)
             progress.show(loss=sum(means) / len(means))
             self._judge(ctx, active, t, means)
-            for search in active:
-                search.cost.wall_s += (time.perf_counter() - began) / len(active)
-            for search in active:
-                if search.success:
-                    progress.step()
-            active = [search for search in active if not search.success]
+            share_wall_time([search.cost for search in active], began)
+            active = retire_successes(active)
         for _ in active:
             progress.step()
         return [self._result(ctx, search) for search in searches]

@@ -18,7 +18,9 @@ from attacks.base import (
     check_compatible,
     reference_per_target,
     require_context,
+    retire_successes,
     search_each,
+    share_wall_time,
 )
 from attacks.none import NoAttack
 from attacks.ringabell import RingABell
@@ -127,6 +129,21 @@ def test_search_each_gives_every_target_its_own_cost_in_order():
     assert [r.cost.queries for r in results] == [1, 2, 3] and len({c for _, c in seen}) == 3
     for i, r in enumerate(results, start=1):  # the timer covers each search alone
         assert 0.01 * i <= r.cost.wall_s < 0.01 * i + 0.5
+
+
+def test_a_batch_shares_its_wall_time_equally_and_successes_leave_it(monkeypatch):
+    from types import SimpleNamespace
+
+    from attacks import base
+
+    monkeypatch.setattr(base.time, "perf_counter", lambda: 10.0)
+    costs = [AttackCost(wall_s=1.0), AttackCost(), AttackCost(), AttackCost()]
+    share_wall_time(costs, began=4.0)  # 6 s for four targets
+    assert [c.wall_s for c in costs] == [2.5, 1.5, 1.5, 1.5]
+    steps: list[int] = []
+    monkeypatch.setattr(base.progress, "step", lambda n=1, **_: steps.append(n))
+    searches = [SimpleNamespace(name=n, success=s) for n, s in (("a", True), ("b", False), ("c", True), ("d", False))]
+    assert [s.name for s in retire_successes(searches)] == ["b", "d"] and steps == [1, 1]
 
 
 def test_require_context_names_every_missing_field_before_any_search():
