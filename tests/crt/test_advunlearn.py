@@ -24,7 +24,7 @@ from crt.advunlearn import (
 from crt.base import OPEN_WEIGHTS, FitCheckpoints, FitContext
 from crt.esd import ddpm_bin
 from runners.spec import ConceptSpec, Family
-from tests.crt.conftest import ROOT, changed_keys, ddim_scheduler, items, state_snapshot
+from tests.crt.conftest import changed_keys, crt_yaml, ddim_scheduler, items, state_snapshot
 
 TINY = dict(iterations=4, warmup_iterations=1, adv_prompt_update_step=2, attack_steps=2, ddim_steps=4,
             retain_batch=2, lr=1e-3, attack_lr=1e-2)
@@ -290,9 +290,8 @@ def test_a_killed_fit_resumes_to_the_same_artifact(world, concept, tmp_path, mon
 
 
 def _yaml() -> dict:
-    import yaml
 
-    return yaml.safe_load((ROOT / "conf" / "crt" / "advunlearn.yaml").read_text())
+    return crt_yaml("advunlearn")
 
 
 def test_yaml_params_are_the_official_defaults_and_build():

@@ -19,7 +19,7 @@ from crt.conceptprune import (
     union_over_time,
 )
 from runners.spec import Family
-from tests.crt.conftest import ROOT, changed_keys, state_snapshot
+from tests.crt.conftest import changed_keys, crt_yaml, state_snapshot
 
 
 def test_skilled_weights_hand_values():
@@ -188,9 +188,8 @@ def test_stopping_after_tau_leaves_the_first_tau_norms_unchanged(world, concept)
 
 
 def test_yaml_params_are_the_config_and_mini_overrides_known_keys():
-    import yaml
 
-    cfg = yaml.safe_load((ROOT / "conf" / "crt" / "conceptprune.yaml").read_text())
+    cfg = crt_yaml("conceptprune")
     crt = ConceptPrune(**cfg["params"])
     assert (crt.config.skill_ratio, crt.config.tau, crt.config.select_ratio) == (0.01, 10, 0.0)
     assert (crt.config.steps, crt.config.guidance, crt.config.count_uncond) == (50, 7.5, True)

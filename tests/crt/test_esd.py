@@ -11,7 +11,7 @@ from torch import nn
 from crt.base import OPEN_WEIGHTS, FitContext
 from crt.esd import ESD, ESDBatch, ddpm_bin, esd_loss, esd_target, partial_ddim, target_formula, trainable_names
 from runners.spec import Family
-from tests.crt.conftest import OracleUNet, changed_keys, ddim_scheduler, state_snapshot
+from tests.crt.conftest import OracleUNet, changed_keys, crt_yaml, ddim_scheduler, state_snapshot
 
 
 @pytest.mark.parametrize("steps", [50, 25, 10, 7])
@@ -80,11 +80,7 @@ def test_target_hand_values_push_by_one_delta_in_both_official_versions():
 
 @pytest.mark.parametrize("name", ["esd_x", "esd_u"])
 def test_yaml_defaults_are_the_new_official_target(name):
-    import yaml
-
-    from tests.crt.conftest import ROOT
-
-    params = yaml.safe_load((ROOT / "conf" / "crt" / f"{name}.yaml").read_text())["params"]
+    params = crt_yaml(name)["params"]
     crt = ESD(**params)
     assert (crt.config.target, crt.eta) == ("new", 2.0)
 

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import yaml
 
 from crt.base import OPEN_WEIGHTS, FitContext
 from crt.fmn import (
@@ -22,7 +21,7 @@ from crt.fmn import (
     trainable_names,
 )
 from runners.spec import Family
-from tests.crt.conftest import ROOT, changed_keys, state_snapshot
+from tests.crt.conftest import changed_keys, crt_yaml, state_snapshot
 
 
 def test_loss_on_hand_built_attention_probabilities():
@@ -201,7 +200,7 @@ def test_a_killed_fit_resumes_to_the_same_artifact(world, concept, tmp_path, mon
 
 
 def test_yaml_builds_the_official_defaults():
-    cfg = yaml.safe_load((ROOT / "conf" / "crt" / "fmn.yaml").read_text())
+    cfg = crt_yaml("fmn")
     assert cfg["handler"] == "crt.fmn.FMN"
     official = FMN(**cfg["params"]).config
     assert official == FMNConfig(**cfg["params"])

@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-import yaml
 
 from crt.base import OPEN_WEIGHTS, FitContext
 from crt.mace import MACE, MACEConfig, prior_captions, quirks
@@ -42,7 +41,7 @@ from crt.mace.lora import (
 )
 from crt.uce import kv_projections
 from runners.spec import ConceptSpec, Family
-from tests.crt.conftest import ROOT, changed_keys, state_snapshot
+from tests.crt.conftest import changed_keys, crt_yaml, state_snapshot
 
 D64 = torch.float64
 
@@ -334,7 +333,7 @@ def test_fit_and_apply_change_only_the_attn2_kv_weights(tiny, concept):
 
 
 def test_yaml_defaults_are_the_official_explicit_config_and_parity_names_results():
-    cfg = yaml.safe_load((ROOT / "conf" / "crt" / "mace.yaml").read_text())
+    cfg = crt_yaml("mace")
     assert cfg["handler"] == "crt.mace.MACE"
     params = MACEConfig(**cfg["params"])
     assert (params.rank, params.lr, params.max_train_steps, params.batch_size, params.lamb) == (1, 1e-5, 120, 1, 0.0)

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from crt.base import OPEN_WEIGHTS, FitContext
@@ -23,7 +22,7 @@ from crt.pruning import (
     straight_through,
 )
 from runners.spec import Family
-from tests.crt.conftest import ROOT, changed_keys, state_snapshot
+from tests.crt.conftest import changed_keys, crt_yaml, state_snapshot
 
 
 def _sigmoid_grad(s: float, temperature: float) -> float:
@@ -149,7 +148,7 @@ def test_eraser_params_are_checked_when_built():
 
 @pytest.mark.parametrize("name", ["p_esd", "p_ca"])
 def test_yaml_builds_the_variant(name):
-    cfg = yaml.safe_load((ROOT / "conf" / "crt" / f"{name}.yaml").read_text())
+    cfg = crt_yaml(name)
     crt = MaskedEraser(**cfg["params"])
     assert cfg["name"] == crt.name == name
     assert set(cfg["mini"]) <= set(cfg["params"])

@@ -10,7 +10,7 @@ from crt.base import OPEN_WEIGHTS, FitContext
 from crt.rece import RECE, adversarial_embedding, select_epoch
 from crt.uce import UCE, kv_projections, token_states
 from runners.spec import Family
-from tests.crt.conftest import ROOT, changed_keys, state_snapshot
+from tests.crt.conftest import changed_keys, crt_yaml, state_snapshot
 
 D_IN = 12
 SHAPES = (16, 20, 8)  # d_out of three K/V matrices; together taller than d_in, one alone is not
@@ -173,9 +173,8 @@ def test_fit_and_apply_edit_only_the_kv_matrices(tiny, concept):
 
 
 def test_yaml_defaults_are_the_official_nudity_recipe():
-    import yaml
 
-    cfg = yaml.safe_load((ROOT / "conf" / "crt" / "rece.yaml").read_text())
+    cfg = crt_yaml("rece")
     crt = RECE(**cfg["params"])
     c = crt.config
     assert (c.emb_computing, c.regular_scale, c.lamb, c.erase_scale, c.preserve_scale, c.epochs, c.select) == (

@@ -26,7 +26,7 @@ from crt.safree.projection import (
 )
 from crt.safree.reweight import BranchLayout, LatentReweighting, reweight_low_frequencies, skip_sites
 from crt_bench.spec import Access, ConceptSpec, Family
-from tests.crt.conftest import changed_keys, items, state_snapshot
+from tests.crt.conftest import changed_keys, crt_yaml, items, state_snapshot
 
 
 def _lstsq_projection(basis_rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -348,12 +348,9 @@ def test_reweighting_off_is_the_official_scripts_sampling(world, nudity):
 
 
 def test_yaml_defaults_are_the_official_arguments():
-    import yaml
-
     from runners.registry import build_crt
-    from tests.crt.conftest import ROOT
 
-    cfg = yaml.safe_load((ROOT / "conf" / "crt" / "safree.yaml").read_text())
+    cfg = crt_yaml("safree")
     real = build_crt(cfg, model="sd14")
     assert isinstance(real, SAFREE) and real.name == cfg["name"] == "safree"
     c = real.config

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from crt.base import FitContext, pil_to_pixels
 from crt.sd_safety_checker import (
@@ -22,7 +21,7 @@ from crt.sd_safety_checker import (
     cosine,
 )
 from crt_bench.spec import Access, Family, HarnessError, PromptItem
-from tests.crt.conftest import CLIP_MEAN, CLIP_STD, WORLD_CLIP, changed_keys, state_snapshot
+from tests.crt.conftest import CLIP_MEAN, CLIP_STD, WORLD_CLIP, changed_keys, crt_yaml, state_snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 32  # the small checker's input size
@@ -241,7 +240,7 @@ def test_exactly_one_of_the_checker_and_the_analog():
 
 
 def test_yaml_params_and_mini_block_build_the_real_and_the_world_filter():
-    cfg = yaml.safe_load((ROOT / "conf" / "crt" / "sd_safety_checker.yaml").read_text())
+    cfg = crt_yaml("sd_safety_checker")
     real = SDSafetyChecker(**cfg["params"])
     assert real.config.checker == CHECKER_ID and real.config.adjustment == 0.0 and real.config.round_decimals == 3
     analog = SDSafetyChecker(**{**cfg["params"], **cfg["mini"]})

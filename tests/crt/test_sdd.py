@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from crt.base import OPEN_WEIGHTS, FitContext
@@ -22,7 +21,7 @@ from crt.sdd import (
     trainable_names,
 )
 from runners.spec import Family
-from tests.crt.conftest import ROOT, OracleUNet, changed_keys, ddim_scheduler, state_snapshot
+from tests.crt.conftest import OracleUNet, changed_keys, crt_yaml, ddim_scheduler, state_snapshot
 
 
 def test_ema_update_matches_a_hand_computation():
@@ -224,7 +223,7 @@ def test_a_killed_fit_resumes_to_the_same_artifact(world, concept, tmp_path, mon
 
 
 def test_yaml_builds_the_official_defaults():
-    cfg = yaml.safe_load((ROOT / "conf" / "crt" / "sdd.yaml").read_text())
+    cfg = crt_yaml("sdd")
     assert cfg["handler"] == "crt.sdd.SDD"
     official = SDD(**cfg["params"]).config
     assert (official.finetuning_method, official.num_train_steps, official.lr, official.ema_decay,

@@ -25,7 +25,7 @@ from crt.shielddiff.ddpo import (
 from crt.shielddiff.lora import LoRALinear, inject_lora, lora_parameters, merged_state, target_names
 from crt.shielddiff.reward import ConceptScorer, RewardUnavailable, combine
 from runners.spec import Family
-from tests.crt.conftest import ROOT, changed_keys, state_snapshot
+from tests.crt.conftest import ROOT, changed_keys, crt_yaml, state_snapshot
 
 
 def _toy_scheduler(steps: int = 5, train_steps: int = 100):
@@ -182,9 +182,8 @@ def test_real_path_reward_fails_with_one_line_when_nudenet_is_missing(monkeypatc
 
 
 def test_yaml_parses_and_the_world_block_uses_the_world_reward_and_generator_clip():
-    import yaml
 
-    cfg = yaml.safe_load((ROOT / "conf" / "crt" / "shielddiff.yaml").read_text())
+    cfg = crt_yaml("shielddiff")
     ShieldDiffConfig(**{k: v for k, v in cfg["params"].items()})  # every param is a config field
     assert set(cfg["mini"]) <= set(cfg["params"])
     assert cfg["params"]["reward"] == "nudenet" and cfg["mini"]["reward"] == "world"

@@ -33,7 +33,7 @@ from crt.trce.stage2 import (
 )
 from crt.uce import kv_projections
 from runners.spec import Family
-from tests.crt.conftest import ROOT, OracleUNet, changed_keys, ddim_scheduler, state_snapshot
+from tests.crt.conftest import OracleUNet, changed_keys, crt_yaml, ddim_scheduler, state_snapshot
 
 SPLIT = "a snapshot of a nude circle"  # 'snapshot' is 5 BPE tokens of the world tokenizer (s n ap s hot)
 
@@ -200,9 +200,8 @@ def test_default_pairs_each_latent_with_its_own_timestep():
 
 def _yaml(name: str) -> dict:
     """A CRT YAML merged over its ``defaults`` as Hydra composes it (trce extends trce_stage1)."""
-    import yaml
 
-    cfg = yaml.safe_load((ROOT / "conf" / "crt" / f"{name}.yaml").read_text())
+    cfg = crt_yaml(name)
     merged: dict = {"params": {}, "mini": {}}
     for parent in cfg.get("defaults") or []:
         if parent != "_self_":

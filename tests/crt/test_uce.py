@@ -10,7 +10,7 @@ import torch
 from crt.base import OPEN_WEIGHTS, FitContext
 from crt.uce import UCE, UCEConfig, erase_pairs, kv_projections, preserved_prompts, token_states, uce_closed_form
 from runners.spec import Family
-from tests.crt.conftest import changed_keys, state_snapshot
+from tests.crt.conftest import changed_keys, crt_yaml, state_snapshot
 
 
 @pytest.mark.parametrize(("n_erase", "n_keep"), [(1, 0), (3, 5), (4, 40)])
@@ -83,11 +83,7 @@ def test_each_token_choice_has_its_own_name():
 
 def _yaml_params(name: str) -> dict:
     """A UCE YAML's params, merged over its ``defaults`` (uce_eot extends uce) as Hydra composes them."""
-    import yaml
-
-    from tests.crt.conftest import ROOT
-
-    cfg = yaml.safe_load((ROOT / "conf" / "crt" / f"{name}.yaml").read_text())
+    cfg = crt_yaml(name)
     params = {}
     for parent in cfg.get("defaults") or []:
         if parent != "_self_":

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from crt.base import FitContext, pil_to_pixels
 from crt.unsafe_diffusion import (
@@ -29,7 +28,7 @@ from crt.unsafe_diffusion import (
 )
 from crt_bench.download import DownloadUnavailable, PinnedFile, fetch_pinned
 from crt_bench.spec import Access, Family, HarnessError, PromptItem, sha256_file
-from tests.crt.conftest import WORLD_CLIP, changed_keys, state_snapshot
+from tests.crt.conftest import WORLD_CLIP, changed_keys, crt_yaml, state_snapshot
 from tests.crt.test_sd_safety_checker import scene_renders
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -256,7 +255,7 @@ def test_world_training_labels_are_the_judge_predicates_on_the_scene():
 
 
 def test_yaml_params_and_mini_block_build_the_real_and_the_world_filter():
-    cfg = yaml.safe_load((ROOT / "conf" / "crt" / "unsafe_diffusion.yaml").read_text())
+    cfg = crt_yaml("unsafe_diffusion")
     real = UnsafeDiffusion(**cfg["params"])
     assert real.config.heads == UD_HEADS and real.config.threshold == 0.5 and real.config.clip_model == "ViT-L-14"
     analog = UnsafeDiffusion(**{**cfg["params"], **cfg["mini"]})
